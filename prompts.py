@@ -1,0 +1,98 @@
+"""The five prompt kinds of Reason4Rec, word for word from the official code (Peter-Fy/Reason4Rec).
+
+1. summary_prompt       - a review -> "Positive Aspects / Negative Aspects / User Preference Elements"
+2. reason_prompt        - histories without ratings -> a reason ("Give you rationale in one paragraph." sic)
+3. rating_prompt        - histories with ratings and averages -> "Predicted Rating: x"
+4. rating_prompt(analysis=...) - as 3, with a "### Personalized Recommendation Analysis ###" block
+5. reason_prompt(hint=...)     - as 2, with the true rating as a hint
+
+One deliberate change: where a user or item has no earlier review, the official prompts show "nan" averages
+and an empty history; here they show "N/A" (see README, differences).
+"""
+from utils import History, Review
+
+MISSING = "N/A"
+
+# Official text; the @@@...### placeholders are filled with str.replace, as the official code does, so that braces
+# in a review cannot break the template.
+SUMMARY_TEMPLATE = """Task: Summarize the reasons behind the given rating of a @@@class### based on the customer review.
+@@@class###: @@@title###
+Rating: @@@rating###
+Review: @@@review###
+
+Analyze the above customer review for the @@@class### '@@@title###' and summarize the reasons behind the given rating of @@@rating###. Please consider the positive and negative aspects mentioned in the review and provide the keywords of reasons and user preference elements.
+
+[Example]
+Product: Wireless Bluetooth Headphones
+Review: I absolutely love these wireless Bluetooth headphones. They are incredibly lightweight and comfortable to wear, with a long battery life. The sound quality is clear, with deep bass and crisp highs. However, the charging case is prone to scratches, and sometimes the connection is unstable. Overall, I'm very satisfied; they are worth the price.
+Output:
+Positive Aspects: Comfortable, Lightweight, Long Battery Life, Clear Sound, Deep Bass, Crisp Highs
+Negative Aspects: Scratch-Prone Case, Unstable Connection
+User Preference Elements: Durability, Aesthetic Appeal, Reliability, Value for Money
+
+Give your reply following the example output format. Directly give Positive Aspects, Negative Aspects, and User Preference Elements without other content.
+"""
+
+FORBIDDEN_WORDS = ["1.0", "2.0", "3.0", "4.0", "5.0", "rating ", "star ", "stars "]
+
+
+def summary_prompt(product_class: str, title: str, rating, review: str) -> str:
+    prompt = SUMMARY_TEMPLATE.replace("@@@class###", product_class)
+    prompt = prompt.replace("@@@title###", str(title))
+    prompt = prompt.replace("@@@review###", str(review))
+    return prompt.replace("@@@rating###", str(rating))
+
+
+def history_text(reviews: list[Review], with_ratings: bool) -> str:
+    text = ""
+    for i, review in enumerate(reviews):
+        text += f"{i + 1}. {review.title}, {float(review.rating):.1f};\n" if with_ratings else f"{i + 1}. {review.title}\n"
+        text += review.summary.strip() + "\n\n"
+    return text.strip() or MISSING
+
+
+def _average(value) -> str:
+    return MISSING if value is None else f"{float(value):.1f}"
+
+
+def reason_prompt(product_class: str, title: str, history: History, hint=None) -> str:
+    """Prompt 2 (what the teacher and the Reasoner answer); with `hint` (the true rating), prompt 5."""
+    prompt = f"""Here is information about a user and a new {product_class} "{title}" being recommended to the user. For the user, we have the user's review history. For the new item being recommended, we have the item review history by other users.
+
+### User Review History ###
+{history_text(history.user, with_ratings=False)}
+
+### Item Review History by other users ###
+{history_text(history.item, with_ratings=False)}
+
+Analyze whether the user will like the new {product_class} "{title}" based on the user's preferences and the recommended item's features. Give you rationale in one paragraph."""
+    if hint is not None:
+        prompt += (" \n"  # sic: a space before the line break
+                   f"(Hint: The user actually rated the item {hint} stars. The star range is from 1 to 5, with 5 being "
+                   "the best. Use the hint but don't mention user's rating in your response.)")
+    return prompt
+
+
+def rating_prompt(product_class: str, title: str, history: History, analysis: str | None = None) -> str:
+    """Prompt 3 (direct rating); with `analysis` (a review, a candidate reason or the Reasoner's reply), prompt 4."""
+    context = f"""Here is information about a user and a new {product_class} "{title}" being recommended to the user. For the user, we have the user's past rating history User ratings range from 1 to 5, where 1 is the lowest and 5 is the highest. For the new item being recommended, we have the item rating history by other users.
+
+### User Rating History ###
+{history_text(history.user, with_ratings=True)}
+
+### Item Rating History by other users ###
+{history_text(history.item, with_ratings=True)}
+
+### Average Past Ratings ###
+User's Average Rating (all previous ratings): {_average(history.user_avg)}
+Item's Average Rating (all ratings by other users): {_average(history.item_avg)}
+
+"""
+    output = f"""(1 being the lowest and 5 being highest, directly give the rating without other content.)
+[Output Format] Predicted Rating: [A rating between 1 and 5]\tGive your reply following the output format without any extra information."""
+    if analysis is None:
+        return context + f"""Based on the user's and item's rating histories and their average past ratings, please predict the user's rating for "{title}", """ + output
+    return context + f"""### Personalized Recommendation Analysis ###
+{analysis}
+
+Based on the above information, please predict the user's rating for "{title}", """ + output

@@ -1,0 +1,71 @@
+"""Shared test fixtures: a tiny random Llama, a local OpenAI-protocol teacher, a slice of the real data, and a way
+to run the pipeline's scripts exactly as a user does (as subprocesses, from a working folder)."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from teacher_server import TeacherServer  # noqa: E402
+
+REAL_DATA = REPO.parent / "shared" / "data" / "reviews_Musical_Instruments_5.json.gz"
+DATASET = "mi"
+
+
+def run(*command, cwd=REPO, env=None, check=True, timeout=900) -> subprocess.CompletedProcess:
+    """Run a pipeline step (a repository path: .py with this Python, .sh with bash) and return what it printed."""
+    script, *rest = (str(c) for c in command)
+    program = [sys.executable] if script.endswith(".py") else ["bash"] if script.endswith(".sh") else []
+    path = str(REPO / script) if program else script
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    result = subprocess.run(program + [path, *rest], cwd=cwd, env=full_env, capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(rest)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-6000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    from scripts.build_random_llama import build
+
+    return build(tmp_path_factory.mktemp("models") / "tiny-llama", "tiny")
+
+
+@pytest.fixture
+def teacher_server():
+    server = TeacherServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def real_slice(tmp_path_factory) -> Path:
+    """Data/<DATASET>/ prepared from a slice of the real Musical Instruments reviews (60 users)."""
+    if not REAL_DATA.exists():
+        pytest.skip(f"the real data file {REAL_DATA} is not here")
+    root = tmp_path_factory.mktemp("prepared")
+    run("Data/prepare_data.py", "--input", REAL_DATA, "--dataset", DATASET, "--max_users", "60", cwd=root)
+    return root / "Data" / DATASET
+
+
+@pytest.fixture
+def workspace(tmp_path, real_slice, tiny_model) -> Path:
+    """A working folder holding Data/<DATASET>/ (a fresh copy of the real slice), to run the scripts from."""
+    shutil.copytree(real_slice, tmp_path / "Data" / DATASET)
+    return tmp_path
+
+
+def pipeline_env(model: str, server: TeacherServer | None = None, **extra) -> dict:
+    """The environment a pipeline step runs in: dataset, base model, teacher, small sizes for the tiny model."""
+    env = {"DATASET": DATASET, "MODEL_PATH": model, "REASON4REC_BACKEND": "hf", "TEACHER_MAX_TOKENS": "24"}
+    if server is not None:
+        env.update(server.env())
+    return {**env, **extra}
