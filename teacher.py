@@ -8,7 +8,8 @@ Settings come from the environment, never from the source:
     TEACHER_MAX_RETRIES   retries with backoff on 429 / 5xx / timeouts, done by the openai client (default 6)
     TEACHER_TIMEOUT       seconds per request (default 120)
     TEACHER_MAX_TOKENS    default 4096, as in the official code
-    TEACHER=local with TEACHER_MODEL_PATH=<model folder> uses a local model instead (offline demos).
+    TEACHER=local with TEACHER_MODEL_PATH=<model folder> uses a local model instead (offline demos), generating
+    TEACHER_BATCH_SIZE prompts at a time (default 8).
 
 Every answer goes into an on-disk cache keyed by the request as soon as it arrives, so a rerun after a crash or a
 Ctrl-C pays for nothing twice.  Token usage is recorded with each answer.
@@ -140,7 +141,7 @@ class Teacher:
         for sample in sorted({s for _, s, _ in todo.values()}):
             group = {k: p for k, (p, s, _) in todo.items() if s == sample}
             texts = llm.generate(model, tokenizer, list(group.values()), max_new_tokens=self.max_tokens,
-                                 temperature=temperature, seed=sample, batch_size=int(os.environ.get("BATCH_SIZE", 8)),
+                                 temperature=temperature, seed=sample, batch_size=int(os.environ.get("TEACHER_BATCH_SIZE", 8)),
                                  cache=self.cache, keys=list(group), desc=desc)
             answers.update(zip(group, texts))
             self.usage["requests"] += len(group)

@@ -30,6 +30,7 @@ def main():
     # confused with the end of an answer.
     tokenizer.eos_token = "<|im_end|>"
     tokenizer.pad_token = "<|endoftext|>"
+    tokenizer.clean_up_tokenization_spaces = False  # a WordPiece clean-up that would alter BPE text
     for config in (model.config, model.generation_config):
         config.eos_token_id = tokenizer.eos_token_id
         config.pad_token_id = tokenizer.pad_token_id

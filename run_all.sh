@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Runs the whole Reason4Rec pipeline, every numbered step in order, and ends with the evaluation table.
+#
+#   bash run_all.sh                       the embedded default demo: a slice of real Amazon Musical Instruments
+#                                         reviews, SmolLM2-135M-Instruct as base model and as local teacher, sizes
+#                                         that finish in about half an hour on a 2-core CPU
+#   DATASET=X MODEL_PATH=M bash run_all.sh     your prepared dataset (Data/X, see Data/prepare_data.py) and base
+#                                         model, with the official sizes; the teacher from OPENAI_API_KEY etc.
+#
+# Extra arguments per kind of step, from the environment (empty unless the demo sets them):
+#   DATA_ARGS (every Python step, e.g. --max_his 5), TRAIN_ARGS (every *_train.sh), GEN_ARGS (generating and
+#   scoring steps), SUMMARY_ARGS (1_Summarizer/1), SAMPLE_ARGS (2_Reasoner/1), DISTILL_ARGS (2_Reasoner/4).
+# Data/ and checkpoints/ are read and written under the current folder, as by every step.
+# Stops at the first failing step and names it.
+set -euo pipefail
+R="$(cd "$(dirname "$0")" && pwd)"  # the repository
+
+if [ -z "${DATASET:-}" ]; then
+    echo "== no DATASET set: running the embedded default demo"
+    export DATASET=Musical_Instruments_demo
+    export MODEL_PATH="${MODEL_PATH:-$R/models/SmolLM2-135M-Instruct}"
+    export TEACHER="${TEACHER:-local}" TEACHER_MODEL_PATH="${TEACHER_MODEL_PATH:-$MODEL_PATH}"
+    export TEACHER_MAX_TOKENS="${TEACHER_MAX_TOKENS:-64}" TEACHER_BATCH_SIZE="${TEACHER_BATCH_SIZE:-16}"
+    DEMO_USERS="${DEMO_USERS:-40}"
+    DATA_ARGS="${DATA_ARGS-"--max_his 5"}"
+    SUMMARY_ARGS="${SUMMARY_ARGS-"--limit 24"}"
+    DISTILL_ARGS="${DISTILL_ARGS-"--max_sample_num 2"}"
+    GEN_ARGS="${GEN_ARGS-"--max_new_tokens 64 --batch_size 16"}"
+    TRAIN_ARGS="${TRAIN_ARGS-"--num_train_epochs 1 --max_steps 4 --per_device_train_batch_size 4 --warmup_steps 0"}"
+    RAW="$R/../shared/data/reviews_Musical_Instruments_5.json.gz"
+    MD5=8035b6e3f9194844785b3f4cee296577
+fi
+: "${MODEL_PATH:?set MODEL_PATH to the base model folder}"
+DATA="Data/$DATASET"
+
+started=$SECONDS
+step_number=0
+step() {  # step NAME COMMAND...: run one step, timed; on failure, name it and stop
+    local name="$1"; shift
+    step_number=$((step_number + 1))
+    local t0=$SECONDS
+    echo; echo "== step $step_number: $name"
+    if ! "$@"; then
+        echo "run_all: step $step_number ($name) failed: $*" >&2
+        exit 1
+    fi
+    echo "== step $step_number: $name took $((SECONDS - t0)) s"
+}
+
+if [ -n "${RAW:-}" ]; then  # the demo's own setup
+    if [ ! -f "$MODEL_PATH/config.json" ]; then
+        step "convert the embedded SmolLM2-135M-Instruct" python "$R/scripts/prepare_default_model.py" --output "$MODEL_PATH"
+    fi
+    if [ ! -f "$DATA/raw_data/train.pkl" ]; then
+        if [ ! -f "$RAW" ]; then
+            RAW=Data/downloads/reviews_Musical_Instruments_5.json.gz
+            step "download the Amazon 2014 Musical Instruments 5-core reviews" python - "$RAW" "$MD5" <<'PY'
+import hashlib, os, sys, urllib.request
+path, md5 = sys.argv[1:]
+url = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/reviews_Musical_Instruments_5.json.gz"
+if not os.path.exists(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    urllib.request.urlretrieve(url, path + ".part")
+    os.replace(path + ".part", path)
+if hashlib.md5(open(path, "rb").read()).hexdigest() != md5:
+    sys.exit(f"error: {path} does not have the md5 {md5} of the official file; delete it and rerun")
+PY
+        fi
+        step "prepare a slice of $DEMO_USERS users" python "$R/Data/prepare_data.py" --input "$RAW" --dataset "$DATASET" \
+            --max_users "$DEMO_USERS"
+    else
+        echo "== $DATA/raw_data already prepared: not preparing it again"
+    fi
+fi
+[ -f "$DATA/raw_data/train.pkl" ] || { echo "run_all: $DATA/raw_data/train.pkl not found; prepare it with Data/prepare_data.py" >&2; exit 1; }
+
+# shellcheck disable=SC2086  # the *_ARGS are lists of arguments
+{
+step "Summarizer 1: teacher summaries"        python "$R/1_Summarizer/1_distilling_aspect_preference_summary.py" ${SUMMARY_ARGS:-} ${DATA_ARGS:-}
+step "Summarizer 2: SFT data"                 python "$R/1_Summarizer/2_construct_summarizer_train_data.py" ${DATA_ARGS:-}
+step "Summarizer 3: train"                    bash "$R/1_Summarizer/3_summarizer_train.sh" ${TRAIN_ARGS:-}
+step "Summarizer 4: summarize all training reviews" python "$R/1_Summarizer/4_generate_summary_for_train.py" ${GEN_ARGS:-} ${DATA_ARGS:-}
+step "Reasoner 1: sample targets"             python "$R/2_Reasoner/1_sample_train_data.py" ${SAMPLE_ARGS:-} ${DATA_ARGS:-}
+step "Reasoner 2: reward-model SFT data"      python "$R/2_Reasoner/2_construct_reward_train_data.py" ${DATA_ARGS:-}
+step "Reasoner 3: train the reward model"     bash "$R/2_Reasoner/3_reward_model_train.sh" ${TRAIN_ARGS:-}
+step "Reasoner 4: distill and filter reasons" python "$R/2_Reasoner/4_distilling_possible_reason.py" ${GEN_ARGS:-} ${DISTILL_ARGS:-} ${DATA_ARGS:-}
+step "Reasoner 5: SFT data"                   python "$R/2_Reasoner/5_construct_reasoner_train_data.py" ${DATA_ARGS:-}
+step "Reasoner 6: train"                      bash "$R/2_Reasoner/6_reasoner_train.sh" ${TRAIN_ARGS:-}
+step "Reasoner 7: reasons for the test set"   python "$R/2_Reasoner/7_generate_reason_for_test.py" ${GEN_ARGS:-} ${DATA_ARGS:-}
+step "Predictor 1: SFT data"                  python "$R/3_Predictor/1_construct_predictor_train_data.py" ${GEN_ARGS:-} ${DATA_ARGS:-}
+step "Predictor 1: SFT data, no reason"       python "$R/3_Predictor/1_construct_predictor_train_data.py" --no_reason ${DATA_ARGS:-}
+step "Predictor 2: train"                     bash "$R/3_Predictor/2_predictor_train.sh" ${TRAIN_ARGS:-}
+step "Predictor 2: train, no reason"          env NAME=Direct_Predictor bash "$R/3_Predictor/2_predictor_train.sh" ${TRAIN_ARGS:-}
+step "Predictor 3: rate the test set"         python "$R/3_Predictor/3_generate_predict_for_test.py" ${GEN_ARGS:-} ${DATA_ARGS:-}
+step "Predictor 3: rate the test set, no reason" python "$R/3_Predictor/3_generate_predict_for_test.py" --no_reason ${GEN_ARGS:-} ${DATA_ARGS:-}
+step "Predictor 4: evaluate"                  python "$R/3_Predictor/4_evaluate.py" ${DATA_ARGS:-}
+}
+echo; echo "run_all: all $step_number steps done in $((SECONDS - started)) s"

@@ -1,0 +1,118 @@
+"""The whole pipeline end to end on the tiny model, with the teacher over HTTP through the real openai client, on a
+slice of the real data: every stage's outputs, the leakage rule, the cache, and resuming from the authors' pickles."""
+import json
+import pickle
+
+import pandas as pd
+import pytest
+
+from conftest import DATASET, run, pipeline_env
+from utils import COLUMNS
+
+FAST = {"TRAIN_ARGS": "--max_steps 2 --per_device_train_batch_size 4 --max_len 2048",
+        "GEN_ARGS": "--max_new_tokens 12 --batch_size 16"}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, real_slice, tiny_model):
+    """One full run of run_all.sh in a working folder; returns (folder, output, teacher server)."""
+    import shutil
+
+    from teacher_server import TeacherServer
+
+    root = tmp_path_factory.mktemp("pipeline")
+    shutil.copytree(real_slice, root / "Data" / DATASET)
+    server = TeacherServer()
+    result = run("run_all.sh", cwd=root, env=pipeline_env(tiny_model, server, **FAST), timeout=1800)
+    yield root, result.stdout, server
+    server.close()
+
+
+def load(root, name):
+    return pd.read_pickle(root / "Data" / DATASET / name)
+
+
+def test_run_all_runs_every_step_and_prints_the_table(finished):
+    root, out, _ = finished
+    assert "all 18 steps done" in out
+    for line in ("Global mean", "User mean", "Item mean", "User+item bias", "Direct Predictor (no reason)",
+                 "Reason4Rec (Reasoner + Predictor)"):
+        assert line in out
+    metrics = json.loads((root / "Data" / DATASET / "metrics.json").read_text())
+    assert set(metrics["results"]["all"]) >= {"Global mean", "Reason4Rec (Reasoner + Predictor)"}
+    assert (root / "Data" / DATASET / "predictions.png").stat().st_size > 1000
+
+
+def test_every_stage_writes_the_official_files_and_columns(finished):
+    root, _, _ = finished
+    train, test = load(root, "raw_data/train.pkl"), load(root, "raw_data/test.pkl")
+    summaries = load(root, "train_summarizer_generation_results.pkl")
+    assert list(summaries.columns[:6]) == COLUMNS and len(summaries) == len(train)
+    assert summaries["aspect_preference_summary"].map(lambda s: isinstance(s, str)).all()
+    assert load(root, "train_aspect_preference_summary.pkl")["review_summary"].str.startswith("Positive Aspects").all()
+    reward, reasoner = load(root, "review_8000.pkl"), load(root, "train_12000.pkl")
+    assert len(reward) and len(reasoner) and abs(len(reward) / (len(reward) + len(reasoner)) - 0.4) < 0.05
+    assert not set(zip(reward.user_id, reward.item_id)) & set(zip(reasoner.user_id, reasoner.item_id))
+    assert {"his_len", "direct_rating_prompt"} <= set(reward.columns)
+    reasons = load(root, "distilling_high_quality_reasons.pkl")
+    assert {"personalized_analysis", "reason_attempt"} <= set(reasons.columns) and len(reasons)
+    assert load(root, "reason_for_test_by_reasoner.pkl")["reasoner_reply"].notna().all()
+    preds = load(root, "rating_for_test_by_predictor.pkl")["pred"]
+    assert len(preds) == len(test) and preds.between(1, 5).all()
+    for name in ("Summarizer", "reason_reward_model", "Reasoner", "Predictor", "Direct_Predictor"):
+        assert (root / "checkpoints" / DATASET / name / "final_checkpoint" / "adapter_model.safetensors").exists()
+    report = json.loads((root / "Data" / DATASET / "distilling_report.json").read_text())
+    assert report["kept"] + report["dropped"] == len(reasoner)
+
+
+def test_no_test_or_valid_review_reaches_any_prompt(finished):
+    root, _, server = finished
+    held_out = pd.concat([load(root, "raw_data/test.pkl"), load(root, "raw_data/valid.pkl")])
+    held_out = [t for t in held_out["reviews"] if len(t) > 40]  # long enough to be unmistakable
+    sft = [m["content"] for name in ("Summarizer_train_instruct.pkl", "review_train_data.pkl",
+                                     "Reasoner_train_instruct.pkl", "Predictor_train_instruct.pkl")
+           for x in pickle.loads((root / "Data" / DATASET / name).read_bytes()) for m in x["messages"]]
+    sent = [b["messages"][-1]["content"] for b in server.bodies]
+    for text in sft + sent:
+        assert not any(review in text for review in held_out)
+
+
+def test_rerunning_a_teacher_step_pays_for_nothing(finished, tiny_model):
+    root, _, server = finished
+    received = server.received
+    run("1_Summarizer/1_distilling_aspect_preference_summary.py", cwd=root, env=pipeline_env(tiny_model, server))
+    run("2_Reasoner/4_distilling_possible_reason.py", *FAST["GEN_ARGS"].split(), cwd=root,
+        env=pipeline_env(tiny_model, server))
+    assert server.received == received and server.repeated == 0
+
+
+def test_resume_from_the_authors_pickles(tmp_path, tiny_model):
+    """Users who download the authors' two pickles start at 2_Reasoner/5, as the official README says."""
+    data = tmp_path / "Data" / "Music_data"
+    (data / "raw_data").mkdir(parents=True)
+    rows = [("u1", "i1", "Album A", 5.0, 100), ("u1", "i2", "Album B", 4.0, 200), ("u2", "i1", "Album A", 3.0, 150),
+            ("u2", "i2", "Album B", 2.0, 250), ("u1", "i3", "Album C", 4.0, 300), ("u2", "i3", "Album C", 1.0, 310)]
+    frame = pd.DataFrame(rows, columns=["user_id", "item_id", "title", "ratings", "unixReviewTime"])
+    frame.insert(4, "reviews", [f"review {k}" for k in range(len(frame))])
+    frame = frame[COLUMNS]
+    summaries = frame.assign(aspect_preference_summary=[f"Positive Aspects: a{k}" for k in range(len(frame))])
+    summaries.to_pickle(data / "train_summarizer_generation_results.pkl")  # exactly the authors' columns
+    reasons = frame.iloc[[1, 3]].assign(personalized_analysis=["The user likes B.", "The user dislikes B."])
+    reasons.to_pickle(data / "distilling_high_quality_reasons.pkl")
+    frame.iloc[4:].to_pickle(data / "raw_data" / "test.pkl")
+    env = pipeline_env(tiny_model, DATASET="Music_data")
+    missing = run("2_Reasoner/5_construct_reasoner_train_data.py", cwd=tmp_path, env=env, check=False)
+    assert missing.returncode != 0 and "--product_class" in missing.stderr  # no dataset.json with their data
+    pc = ["--product_class", "Digital Music"]
+    gen = ["--max_new_tokens", "8"]
+    run("2_Reasoner/5_construct_reasoner_train_data.py", *pc, cwd=tmp_path, env=env)
+    run("2_Reasoner/6_reasoner_train.sh", "--max_steps", "1", cwd=tmp_path, env=env)
+    run("3_Predictor/1_construct_predictor_train_data.py", *pc, *gen, cwd=tmp_path, env=env)
+    run("3_Predictor/2_predictor_train.sh", "--max_steps", "1", cwd=tmp_path, env=env)
+    run("2_Reasoner/7_generate_reason_for_test.py", *pc, *gen, cwd=tmp_path, env=env)
+    run("3_Predictor/3_generate_predict_for_test.py", *pc, cwd=tmp_path, env=env)
+    examples = pickle.loads((data / "Reasoner_train_instruct.pkl").read_bytes())
+    assert [x["messages"][1]["content"] for x in examples] == ["The user likes B.", "The user dislikes B."]
+    assert 'new Digital Music "Album B"' in examples[0]["messages"][0]["content"]
+    assert "1. Album A\nPositive Aspects: a0" in examples[0]["messages"][0]["content"]
+    assert pd.read_pickle(data / "rating_for_test_by_predictor.pkl")["pred"].between(1, 5).all()
