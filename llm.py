@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils import RATING_PREFIX, DataArguments, ResultCache, fail, require_model
+from utils import RATING_PREFIX, DataArguments, ResultCache, fail, require_model, shard_path, write_pickle
 
 
 def backend() -> str:
@@ -43,6 +43,25 @@ class ModelArguments:
     load_in_4bit: str = field(default="auto", metadata={"help": "true/false; auto: on a CUDA GPU"})
     batch_size: int = field(default=8, metadata={"help": "prompts per forward pass"})
     max_new_tokens: int = field(default=1024, metadata={"help": "longest generated answer"})
+    num_shards: int = field(default=1, metadata={"help": "split the rows into this many shards (one per GPU or "
+                                                         "machine); merge the parts with scripts/merge_shards.py"})
+    shard_id: int = field(default=0, metadata={"help": "which shard this run does, 0 .. num_shards-1"})
+
+    def __post_init__(self):
+        if not 0 <= self.shard_id < self.num_shards:
+            fail(f"--shard_id must be in 0..{self.num_shards - 1}, not {self.shard_id}")
+
+    def shard(self, rows):
+        """This run's rows: every num_shards-th, from shard_id on (so each shard gets long and short prompts)."""
+        return rows.iloc[self.shard_id::self.num_shards] if self.num_shards > 1 else rows
+
+    def write(self, obj, path: Path):
+        """Write an output, or this shard's part of it (scripts/merge_shards.py joins the parts)."""
+        if self.num_shards == 1:
+            return write_pickle(obj, path)
+        write_pickle(obj, shard_path(path, self.shard_id, self.num_shards))
+        print(f"this is part {self.shard_id + 1} of {self.num_shards}: when all are done, run "
+              f"`python scripts/merge_shards.py {path} --num_shards {self.num_shards}`")
 
 
 def load_expert(data: DataArguments, args: ModelArguments, expert: str):

@@ -19,7 +19,7 @@ from pathlib import Path
 import llm  # first: it imports Unsloth, where installed, before transformers
 import torch
 from datasets import Dataset
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import set_seed
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from utils import atomic_write, fail, read_pickle, write_json
@@ -101,6 +101,7 @@ def main():
     output = Path(config.output_dir)
     resume = _resumable_checkpoint(output, args, examples)
 
+    set_seed(config.seed)  # before LoRA is attached: its initial weights are random
     model, tokenizer, lora = load_for_training(args, config)
     trainer = SFTTrainer(model=model, args=config, train_dataset=to_dataset(examples, args.mask_loss),
                          processing_class=tokenizer, peft_config=lora)
@@ -112,24 +113,42 @@ def main():
     trainer.model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     write_json(trainer.state.log_history, tmp / "log_history.json")
+    config_file = tmp / "adapter_config.json"  # PEFT writes target_modules in set order: sort it, for equal bytes
+    adapter_config = json.loads(config_file.read_text())
+    if isinstance(adapter_config.get("target_modules"), list):
+        adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
+    write_json(adapter_config, config_file)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     print(f"saved the adapter to {final}")
 
 
 def _resumable_checkpoint(output: Path, args: FinetuneArguments, examples: list):
-    """The last checkpoint of an interrupted run of this very job (same data, same arguments), else None; the
-    checkpoints of a different job in the same folder are cleared rather than resumed."""
+    """The last complete checkpoint of an interrupted run of this very job (same data, same arguments), else None.
+    A checkpoint cut short by the interruption (transformers writes trainer_state.json last) is removed, and so are
+    the checkpoints of a different job in the same folder, rather than resumed."""
     job = hashlib.sha256(json.dumps([asdict(args), sys.argv[1:], examples], sort_keys=True, default=str).encode())
     stamp = output / "job.sha256"
-    last = get_last_checkpoint(output) if output.is_dir() else None
-    if last and stamp.exists() and stamp.read_text() == job.hexdigest():
-        print(f"resuming from {last}")
-        return last
-    for old in output.glob("checkpoint-*"):
-        shutil.rmtree(old)
+    same_job = stamp.exists() and stamp.read_text() == job.hexdigest()
+    complete = []
+    for checkpoint in sorted(output.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])):
+        if same_job and _is_complete(checkpoint):
+            complete.append(checkpoint)
+        else:
+            shutil.rmtree(checkpoint)
+    if complete:
+        print(f"resuming from {complete[-1]}")
+        return str(complete[-1])
     atomic_write(stamp, lambda f: f.write(job.hexdigest()), mode="w")
     return None
+
+
+def _is_complete(checkpoint: Path) -> bool:
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@
 # Extra arguments per kind of step, from the environment (empty unless the demo sets them):
 #   DATA_ARGS (every Python step, e.g. --max_his 5), TRAIN_ARGS (every *_train.sh), GEN_ARGS (generating and
 #   scoring steps), SUMMARY_ARGS (1_Summarizer/1), SAMPLE_ARGS (2_Reasoner/1), DISTILL_ARGS (2_Reasoner/4).
-# Data/ and checkpoints/ are read and written under the current folder, as by every step.
+# Data/ and checkpoints/ are read and written under the current folder, as by every step.  STEP_LOG=file appends a
+# line per finished step (number, name, start and end times), PYTHON=interpreter replaces `python`.
 # Stops at the first failing step and names it.
 set -euo pipefail
 R="$(cd "$(dirname "$0")" && pwd)"  # the repository
@@ -38,14 +39,17 @@ step_number=0
 step() {  # step NAME COMMAND...: run one step, timed; on failure, name it and stop
     local name="$1"; shift
     step_number=$((step_number + 1))
-    local t0=$SECONDS
+    local t0=$SECONDS start
+    start=$(date +%s.%N)
     echo; echo "== step $step_number: $name"
     if ! "$@"; then
         echo "run_all: step $step_number ($name) failed: $*" >&2
         exit 1
     fi
     echo "== step $step_number: $name took $((SECONDS - t0)) s"
+    if [ -n "${STEP_LOG:-}" ]; then printf '%s\t%s\t%s\t%s\n' "$step_number" "$name" "$start" "$(date +%s.%N)" >> "$STEP_LOG"; fi
 }
+python() { if [ -n "${PYTHON:-}" ]; then "$PYTHON" "$@"; else command python "$@"; fi; }
 
 if [ -n "${RAW:-}" ]; then  # the demo's own setup
     if [ ! -f "$MODEL_PATH/config.json" ]; then

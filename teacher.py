@@ -4,7 +4,7 @@ Settings come from the environment, never from the source:
     OPENAI_API_KEY        required for the OpenAI-protocol teacher
     OPENAI_BASE_URL       optional: any OpenAI-compatible endpoint (read by the openai client itself)
     TEACHER_MODEL         default gpt-3.5-turbo
-    TEACHER_CONCURRENCY   requests in flight at once (default 8)
+    TEACHER_CONCURRENCY   requests in flight at once (default 16)
     TEACHER_MAX_RETRIES   retries with backoff on 429 / 5xx / timeouts, done by the openai client (default 6)
     TEACHER_TIMEOUT       seconds per request (default 120)
     TEACHER_MAX_TOKENS    default 4096, as in the official code
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -38,7 +38,7 @@ class Teacher:
         """Checks the settings at once, so that a missing key fails before any work starts."""
         self.kind = os.environ.get("TEACHER", "openai")
         self.max_tokens = int(os.environ.get("TEACHER_MAX_TOKENS", 4096))
-        self.concurrency = int(os.environ.get("TEACHER_CONCURRENCY", 8))
+        self.concurrency = int(os.environ.get("TEACHER_CONCURRENCY", 16))
         self.usage = Counter()
         if self.kind == "local":
             self.path = os.environ.get("TEACHER_MODEL_PATH") or fail(f"TEACHER=local needs TEACHER_MODEL_PATH; {HELP}")
@@ -80,22 +80,23 @@ class Teacher:
     def _ask_remote(self, todo: dict, temperature: float, desc: str) -> dict:
         answers = {}
         with ThreadPoolExecutor(self.concurrency) as pool, tqdm(total=len(todo), desc=desc, unit="req") as bar:
-            futures = {pool.submit(self._request, prompt, temperature, sample, label): key
+            futures = {pool.submit(self._answer, key, prompt, temperature, sample, label): key
                        for key, (prompt, sample, label) in todo.items()}
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for future in done:
-                    if future.exception() is not None:
-                        for other in pending:
-                            other.cancel()
-                        fail(f"{future.exception()}. The {len(answers):,} answers received so far are kept in "
-                             f"{self.cache.path}; rerun the same command to continue from there.")
-                    text, usage = future.result()
-                    answers[futures[future]] = text
-                    self.cache.put_many({futures[future]: text}, meta=usage)
-                    bar.update(1)
+            for future in as_completed(futures):
+                if future.exception() is not None:
+                    for other in futures:
+                        other.cancel()
+                    fail(f"{future.exception()}. The {len(answers):,} answers received so far are kept in "
+                         f"{self.cache.path}; rerun the same command to continue from there.")
+                answers[futures[future]] = future.result()
+                bar.update(1)
         return answers
+
+    def _answer(self, key: str, prompt: str, temperature: float, sample: int, label: str) -> str:
+        """Ask, and keep the answer in the cache the moment it arrives."""
+        text, usage = self._request(prompt, temperature, sample, label)
+        self.cache.put_many({key: text}, meta=usage)
+        return text
 
     def _request(self, prompt: str, temperature: float, sample: int, label: str) -> tuple[str, dict]:
         """One chat completion; `sample` goes out as the seed, so that the k-th draw is reproducible where the

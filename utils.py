@@ -123,7 +123,7 @@ def _producer(path: Path) -> str:
 def read_pickle(path: str | Path, columns=(), what="table"):
     """Load a pickle written by an earlier step and check it, so that a bad input fails here with a clear
     message rather than deep inside pandas.  `columns`: required columns of a DataFrame; `what="table"` wants a
-    DataFrame, `what="messages"` a list of {"messages": [...]} (SFT data)."""
+    DataFrame, `what="messages"` a list of {"messages": [...]} (SFT data), `what="any"` whatever it holds."""
     path = Path(path)
     if not path.exists():
         fail(f"{path} not found. Run {_producer(path)} first.")
@@ -132,6 +132,8 @@ def read_pickle(path: str | Path, columns=(), what="table"):
     except Exception as e:  # truncated, corrupted, or not a pickle at all
         fail(f"{path} cannot be read ({type(e).__name__}: {e}); it is truncated or corrupted: "
              f"delete it and rerun {_producer(path)}.")
+    if what == "any":
+        return obj
     if what == "messages":
         if not (isinstance(obj, list) and all(isinstance(x, dict) and "messages" in x for x in obj)):
             fail(f"{path} is not a list of {{'messages': [...]}} examples; rerun {_producer(path)}.")
@@ -176,6 +178,10 @@ def atomic_write(path: str | Path, write, mode="wb"):
 def write_pickle(obj, path: str | Path):
     atomic_write(path, lambda f: pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL))
     print(f"wrote {path} ({len(obj):,} rows)")
+
+
+def shard_path(path: Path, shard_id: int, num_shards: int) -> Path:
+    return path.with_name(f"{path.stem}.shard-{shard_id}-of-{num_shards}{path.suffix}")
 
 
 def write_json(obj, path: str | Path):
@@ -264,8 +270,19 @@ class HistoryIndex:
 
 
 def load_histories(args: DataArguments) -> HistoryIndex:
-    """The index over the Summarizer's summaries of the training reviews, which every Stage 2 and 3 prompt shows."""
-    reviews = read_table(args, "train_summarizer_generation_results.pkl", COLUMNS + [SUMMARY], limit=False)
+    """The index over the Summarizer's summaries of the training reviews, which every Stage 2 and 3 prompt shows.
+    Refuses a table that holds any review of the valid or test split: those must never reach a prompt."""
+    name = "train_summarizer_generation_results.pkl"
+    reviews = read_table(args, name, COLUMNS + [SUMMARY], limit=False)
+    key = ["user_id", "item_id", "unixReviewTime"]
+    for split in ("valid", "test"):
+        if args.file(f"raw_data/{split}.pkl").exists():
+            held_out = read_pickle(args.file(f"raw_data/{split}.pkl"), key)
+            leaked = reviews[key].merge(held_out[key].drop_duplicates(), on=key)
+            if len(leaked):
+                fail(f"{args.file(name)} holds {len(leaked)} review(s) of the {split} split (e.g. user "
+                     f"{leaked.user_id.iloc[0]}, item {leaked.item_id.iloc[0]}): histories may show training reviews "
+                     f"only. Rerun {_producer(Path(name))} on raw_data/train.pkl.")
     return HistoryIndex(reviews, max_his=args.max_his)
 
 

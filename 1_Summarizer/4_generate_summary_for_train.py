@@ -11,11 +11,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from llm import ModelArguments, generate, load_expert
 from prompts import summary_prompt
-from utils import SUMMARY, ResultCache, parse_args, read_table, write_pickle
+from utils import SUMMARY, ResultCache, parse_args, read_table
 
 args, model_args = parse_args(ModelArguments)
 product_class = args.resolve_product_class()
-reviews = read_table(args, "raw_data/train.pkl")
+reviews = model_args.shard(read_table(args, "raw_data/train.pkl"))
 model, tokenizer, model_id = load_expert(args, model_args, "Summarizer")
 
 prompts = [summary_prompt(product_class, r.title, r.ratings, r.reviews) for r in reviews.itertuples()]
@@ -23,4 +23,4 @@ reviews[SUMMARY] = generate(model, tokenizer, prompts, max_new_tokens=model_args
                             batch_size=model_args.batch_size, cache=ResultCache(args.file("generation_cache.sqlite")),
                             model_id=model_id, desc="summarizing")
 
-write_pickle(reviews, args.file("train_summarizer_generation_results.pkl"))
+model_args.write(reviews, args.file("train_summarizer_generation_results.pkl"))

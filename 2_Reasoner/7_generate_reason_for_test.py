@@ -10,11 +10,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from llm import ModelArguments, generate, load_expert
 from prompts import reason_prompt
-from utils import ResultCache, load_histories, parse_args, read_table, write_pickle
+from utils import ResultCache, load_histories, parse_args, read_table
 
 args, model_args = parse_args(ModelArguments)
 product_class = args.resolve_product_class()
-test = read_table(args, "raw_data/test.pkl")
+test = model_args.shard(read_table(args, "raw_data/test.pkl"))
 histories = load_histories(args)
 model, tokenizer, model_id = load_expert(args, model_args, "Reasoner")
 
@@ -23,4 +23,4 @@ prompts = [reason_prompt(product_class, t.title, histories(t.user_id, t.item_id,
 test["reasoner_reply"] = generate(model, tokenizer, prompts, max_new_tokens=model_args.max_new_tokens,
                                   batch_size=model_args.batch_size, model_id=model_id,
                                   cache=ResultCache(args.file("generation_cache.sqlite")), desc="Reasoner")
-write_pickle(test, args.file("reason_for_test_by_reasoner.pkl"))
+model_args.write(test, args.file("reason_for_test_by_reasoner.pkl"))

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from llm import ModelArguments, generate, load_expert
 from prompts import rating_prompt, reason_prompt
-from utils import ResultCache, load_histories, parse_args, rating_answer, read_table, to_messages, write_pickle
+from utils import ResultCache, load_histories, parse_args, rating_answer, read_table, to_messages
 
 
 @dataclass
@@ -27,7 +27,7 @@ class PredictorArguments:
 
 args, model_args, predictor = parse_args(ModelArguments, PredictorArguments)
 product_class = args.resolve_product_class()
-targets = read_table(args, "distilling_high_quality_reasons.pkl")
+targets = model_args.shard(read_table(args, "distilling_high_quality_reasons.pkl"))
 contexts = load_histories(args).for_rows(targets)
 
 if predictor.no_reason:
@@ -40,5 +40,5 @@ else:
 
 examples = [to_messages(rating_prompt(product_class, title, h, analysis), rating_answer(r))
             for title, h, analysis, r in zip(targets.title, contexts, analyses, targets.ratings)]
-write_pickle(examples, args.file("Direct_Predictor_train_instruct.pkl" if predictor.no_reason
-                                 else "Predictor_train_instruct.pkl"))
+model_args.write(examples, args.file("Direct_Predictor_train_instruct.pkl" if predictor.no_reason
+                                     else "Predictor_train_instruct.pkl"))

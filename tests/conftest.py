@@ -63,6 +63,26 @@ def workspace(tmp_path, real_slice, tiny_model) -> Path:
     return tmp_path
 
 
+FAST = {"TRAIN_ARGS": "--max_steps 2 --per_device_train_batch_size 4 --max_len 2048",
+        "GEN_ARGS": "--max_new_tokens 12 --batch_size 16"}
+
+
+def full_run(root: Path, real_slice: Path, model: str) -> tuple[Path, str, TeacherServer]:
+    """run_all.sh on the tiny model, with the HTTP teacher, in `root`: (root, what it printed, the server)."""
+    shutil.copytree(real_slice, root / "Data" / DATASET)
+    server = TeacherServer()
+    result = run("run_all.sh", cwd=root, env=pipeline_env(model, server, **FAST), timeout=1800)
+    return root, result.stdout + result.stderr, server
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory, real_slice, tiny_model):
+    """One full pipeline run, shared by the tests that inspect its outputs."""
+    root, out, server = full_run(tmp_path_factory.mktemp("pipeline"), real_slice, tiny_model)
+    yield root, out, server
+    server.close()
+
+
 def pipeline_env(model: str, server: TeacherServer | None = None, **extra) -> dict:
     """The environment a pipeline step runs in: dataset, base model, teacher, small sizes for the tiny model."""
     env = {"DATASET": DATASET, "MODEL_PATH": model, "REASON4REC_BACKEND": "hf", "TEACHER_MAX_TOKENS": "24"}

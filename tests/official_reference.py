@@ -36,8 +36,8 @@ def _text(history, with_ratings, summary_column="aspect_preference_summary"):
     return text.strip()
 
 
-def official_reason_prompt(product_class, row, history_df, hint=None):
-    user_history, item_history, _, _ = official_histories(history_df, row)
+def official_reason_prompt(product_class, row, history_df, hint=None, histories=None):
+    user_history, item_history, _, _ = histories or official_histories(history_df, row)
     user_history_text, item_history_text = _text(user_history, False), _text(item_history, False)
     target_title = row.title
     question = f"""Here is information about a user and a new {product_class} "{target_title}" being recommended to the user. For the user, we have the user's review history. For the new item being recommended, we have the item review history by other users.
@@ -64,8 +64,16 @@ Analyze whether the user will like the new {product_class} "{target_title}" base
 (Hint: The user actually rated the item {target_rating} stars. The star range is from 1 to 5, with 5 being the best. Use the hint but don't mention user's rating in your response.)"""  # noqa: W291
 
 
-def official_rating_prompt(product_class, row, history_df, analysis=None):
-    user_history, item_history, user_average_rating, item_average_rating = official_histories(history_df, row)
+def official_predictor_prompts(product_class, row, history_df, analysis):
+    """As 3_Predictor/1 does: one scan, then the Reasoner's prompt and the Predictor's prompt."""
+    histories = official_histories(history_df, row)
+    return official_reason_prompt(product_class, row, history_df, histories=histories), \
+        official_rating_prompt(product_class, row, history_df, analysis, histories=histories)
+
+
+def official_rating_prompt(product_class, row, history_df, analysis=None, histories=None):
+    user_history, item_history, user_average_rating, item_average_rating = \
+        histories or official_histories(history_df, row)
     user_history_text, item_history_text = _text(user_history, True), _text(item_history, True)
     target_title = row.title
     if analysis is None:

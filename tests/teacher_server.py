@@ -4,7 +4,9 @@ benchmarks: the real `openai` client talks to it over HTTP.
 Its answers are deterministic functions of the request (prompt, temperature, seed), shaped like the teacher's
 (summaries, reasons).  It counts every request it answers, can add latency, and can misbehave on purpose:
 `faults` is a list of what to do to the next requests in turn ("429", "500", "timeout", "malformed", "empty",
-"no_choices", or None for a normal answer).
+"no_choices", or None for a normal answer).  `hold(n)` makes it answer n requests in all and then leave every
+further one hanging unanswered, until `release()` drops those and goes back to normal: a client can then be killed at
+a known point with nothing in flight that the server would count as answered.
 """
 import hashlib
 import json
@@ -39,6 +41,8 @@ class TeacherServer:
         self.answered = Counter()  # request fingerprint -> times answered successfully
         self.received = 0
         self.bodies = []  # every request body received, as JSON
+        self.hold_after = None
+        self._released = threading.Event()
         self._lock = threading.Lock()
         server = self
 
@@ -52,6 +56,10 @@ class TeacherServer:
                     server.received += 1
                     server.bodies.append(body)
                     fault = server.faults.pop(0) if server.faults else None
+                    held = server.hold_after is not None and server.answers >= server.hold_after
+                if held:
+                    server._released.wait()
+                    return  # dropped: never answered
                 if server.latency:
                     time.sleep(server.latency)
                 if fault in ("429", "500"):
@@ -87,6 +95,14 @@ class TeacherServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_port}/v1"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
+    def hold(self, after: int):
+        self._released.clear()
+        self.hold_after = after
+
+    def release(self):
+        self.hold_after = None
+        self._released.set()
+
     @property
     def repeated(self) -> int:
         """Requests answered more than once: what a cache should make zero."""
@@ -102,5 +118,6 @@ class TeacherServer:
                 "TEACHER_MODEL": "gpt-3.5-turbo", **extra}
 
     def close(self):
+        self.release()
         self.httpd.shutdown()
         self.httpd.server_close()

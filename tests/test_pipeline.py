@@ -4,28 +4,9 @@ import json
 import pickle
 
 import pandas as pd
-import pytest
 
-from conftest import DATASET, run, pipeline_env
+from conftest import DATASET, FAST, pipeline_env, run
 from utils import COLUMNS
-
-FAST = {"TRAIN_ARGS": "--max_steps 2 --per_device_train_batch_size 4 --max_len 2048",
-        "GEN_ARGS": "--max_new_tokens 12 --batch_size 16"}
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, real_slice, tiny_model):
-    """One full run of run_all.sh in a working folder; returns (folder, output, teacher server)."""
-    import shutil
-
-    from teacher_server import TeacherServer
-
-    root = tmp_path_factory.mktemp("pipeline")
-    shutil.copytree(real_slice, root / "Data" / DATASET)
-    server = TeacherServer()
-    result = run("run_all.sh", cwd=root, env=pipeline_env(tiny_model, server, **FAST), timeout=1800)
-    yield root, result.stdout, server
-    server.close()
 
 
 def load(root, name):
@@ -95,7 +76,7 @@ def test_resume_from_the_authors_pickles(tmp_path, tiny_model):
     frame = pd.DataFrame(rows, columns=["user_id", "item_id", "title", "ratings", "unixReviewTime"])
     frame.insert(4, "reviews", [f"review {k}" for k in range(len(frame))])
     frame = frame[COLUMNS]
-    summaries = frame.assign(aspect_preference_summary=[f"Positive Aspects: a{k}" for k in range(len(frame))])
+    summaries = frame.iloc[:4].assign(aspect_preference_summary=[f"Positive Aspects: a{k}" for k in range(4)])
     summaries.to_pickle(data / "train_summarizer_generation_results.pkl")  # exactly the authors' columns
     reasons = frame.iloc[[1, 3]].assign(personalized_analysis=["The user likes B.", "The user dislikes B."])
     reasons.to_pickle(data / "distilling_high_quality_reasons.pkl")

@@ -1,0 +1,61 @@
+"""Benchmark: batched logits-weighted rating prediction (the project) against one prompt at a time (the official
+logits_weighted_predict), on the same 32 Predictor prompts with SmolLM2-135M-Instruct: the ratings must agree to
+1e-5; prints the throughput ratio.
+
+The prompts are rating prompts with histories and an analysis, built by the project's history index from a
+generated review log (benchmarks/history_prompts.py).
+
+    python benchmarks/scoring.py [--prompts 32] [--batch_size 16]
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+import llm  # noqa: E402
+from history_prompts import ANALYSIS, PRODUCT, review_log  # noqa: E402
+from prompts import rating_prompt  # noqa: E402
+from utils import HistoryIndex, require_model  # noqa: E402
+
+MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--max_his", type=int, default=10)
+    parser.add_argument("--model", default=str(MODEL))
+    args = parser.parse_args()
+    model, tokenizer = llm.load_model(require_model(args.model))
+    log = review_log(3000)
+    index = HistoryIndex(log, max_his=args.max_his)
+    targets = log.sample(args.prompts, random_state=0)
+    questions = [rating_prompt(PRODUCT, t.title, index(t.user_id, t.item_id, t.unixReviewTime), ANALYSIS)
+                 for t in targets.itertuples()]
+    lengths = [len(ids) for ids in llm._encode(tokenizer, [llm.chat_text(tokenizer, q) for q in questions])]
+    llm.predict_ratings(model, tokenizer, questions[:2], batch_size=2, desc="warm-up")
+
+    start = time.perf_counter()
+    single = np.array([llm.predict_ratings(model, tokenizer, [q], batch_size=1, desc="one")[0] for q in questions])
+    single_s = time.perf_counter() - start
+    start = time.perf_counter()
+    batched = llm.predict_ratings(model, tokenizer, questions, batch_size=args.batch_size, desc="batched")
+    batched_s = time.perf_counter() - start
+
+    print(f"\n{len(questions)} rating prompts of {min(lengths)}-{max(lengths)} tokens, {args.model}")
+    print("| way | wall time (s) | prompts/s |")
+    print("|---|---:|---:|")
+    print(f"| one at a time (official) | {single_s:.1f} | {len(questions) / single_s:.2f} |")
+    print(f"| batched, {args.batch_size} per batch, sorted by length | {batched_s:.1f} | {len(questions) / batched_s:.2f} |")
+    print(f"\nlargest difference between the two: {np.abs(batched - single).max():.2e} (must be < 1e-5)")
+    print(f"speed-up (one at a time / batched): {single_s / batched_s:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Benchmark: LoRA training throughput and peak memory of the Unsloth path against transformers + PEFT (with
+bitsandbytes for 4-bit), on the same model, the same batches and the same LoRA settings, both loaded by
+qlora_finetune.py's own code.  Each backend runs in its own process (Unsloth patches transformers when imported);
+the first steps (compilation, warm-up) are left out of the timing.
+
+    python benchmarks/unsloth_vs_hf.py --model_path MODEL [--steps 12] [--batch_size 4] [--words 400] [--load_in_4bit auto]
+"""
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("guitar string sound tone pedal amp cable tuner strap pick capo bass drum mic stand case quality price "
+         "cheap solid great good bad noisy clear warm bright heavy light durable works fine broke love value").split()
+
+
+def child(args):
+    """Train `args.steps` steps with the backend named in REASON4REC_BACKEND; print one JSON line of results."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    import qlora_finetune as qf
+
+    rng = random.Random(0)
+    examples = [{"prompt": [{"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(args.words))}],
+                 "completion": [{"role": "assistant", "content": f"Predicted Rating: {rng.randint(1, 5)}.0"}]}
+                for _ in range(args.steps * args.batch_size)]
+    finetune = qf.FinetuneArguments(model_path=args.model_path, load_in_4bit=args.load_in_4bit, max_len=4096)
+    config = SFTConfig(output_dir=str(Path(args.out) / "trainer"), max_steps=args.steps, logging_steps=1,
+                       per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1, save_strategy="no",
+                       report_to="none", learning_rate=1e-4, seed=42, max_length=4096, **qf.hardware_defaults())
+    model, tokenizer, lora = qf.load_for_training(finetune, config)
+    times = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            torch.cuda.synchronize() if torch.cuda.is_available() else None
+            times.append(time.perf_counter() - self.start)
+
+    dataset = Dataset.from_list(examples)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
+                         callbacks=[Clock()])
+    tokens = sum(len(x) for x in trainer.train_dataset["input_ids"]) / len(trainer.train_dataset)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    per_step = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
+    steady = times[2:] or times
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps({"backend": os.environ["REASON4REC_BACKEND"], "first_step_s": times[0],
+                      "steady_step_s": sum(steady) / len(steady), "sequences_per_step": per_step,
+                      "tokens_per_sequence": tokens, "peak_memory_gib": peak,
+                      "memory_kind": "GPU (max allocated)" if torch.cuda.is_available() else "CPU (peak RSS)"}))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_path", required=True)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--words", type=int, default=400, help="words per prompt")
+    parser.add_argument("--load_in_4bit", default="auto")
+    parser.add_argument("--out", default="benchmark_out")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    results = {}
+    for backend in ("unsloth", "hf"):
+        env = {**os.environ, "REASON4REC_BACKEND": backend}
+        done = subprocess.run([sys.executable, __file__, "--child", *sys.argv[1:]], env=env, capture_output=True,
+                              text=True)
+        if done.returncode:
+            print(f"{backend}: failed\n{done.stderr[-3000:]}")
+            continue
+        results[backend] = json.loads(done.stdout.strip().splitlines()[-1])
+
+    print(f"\n{args.model_path}, {args.steps} steps of {args.batch_size} sequences, 4-bit: {args.load_in_4bit}")
+    print("| backend | first step (s) | steady step (s) | sequences/s | tokens/s | peak memory (GiB) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, r in results.items():
+        seq = r["sequences_per_step"] / r["steady_step_s"]
+        print(f"| {name} | {r['first_step_s']:.2f} | {r['steady_step_s']:.3f} | {seq:.2f} | "
+              f"{seq * r['tokens_per_sequence']:.0f} | {r['peak_memory_gib']:.2f} ({r['memory_kind']}) |")
+    if len(results) == 2:
+        u, h = results["unsloth"], results["hf"]
+        speed = (u["sequences_per_step"] / u["steady_step_s"]) / (h["sequences_per_step"] / h["steady_step_s"])
+        print(f"\nUnsloth / HF: {speed:.2f}x the sequences per second, "
+              f"{u['peak_memory_gib'] / h['peak_memory_gib']:.2f}x the peak memory")
+
+
+if __name__ == "__main__":
+    main()
