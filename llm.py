@@ -51,15 +51,22 @@ class ModelArguments:
         if not 0 <= self.shard_id < self.num_shards:
             fail(f"--shard_id must be in 0..{self.num_shards - 1}, not {self.shard_id}")
 
-    def shard(self, rows):
-        """This run's rows: every num_shards-th, from shard_id on (so each shard gets long and short prompts)."""
-        return rows.iloc[self.shard_id::self.num_shards] if self.num_shards > 1 else rows
+    def shard(self, tokenizer, rows, questions, prefix: str = ""):
+        """This run's rows and questions.  Shards take whole batches (batch b goes to shard b % num_shards), the batches
+        a single run would form, so that every prompt is computed exactly as in a single run."""
+        if self.num_shards == 1:
+            return rows, questions
+        lengths = [len(ids) for ids in _encode(tokenizer, [chat_text(tokenizer, q, prefix) for q in questions])]
+        mine = sorted(i for b, batch in enumerate(batches(lengths, self.batch_size)) if b % self.num_shards == self.shard_id
+                      for i in batch)
+        return rows.iloc[mine], [questions[i] for i in mine]
 
-    def write(self, obj, path: Path):
-        """Write an output, or this shard's part of it (scripts/merge_shards.py joins the parts)."""
+    def write(self, obj, path: Path, index=None):
+        """Write an output, or this shard's part of it, which keeps the row numbers (a DataFrame its index; a list is
+        written as {row: item} with the row numbers in `index`) for scripts/merge_shards.py to put it back in order."""
         if self.num_shards == 1:
             return write_pickle(obj, path)
-        write_pickle(obj, shard_path(path, self.shard_id, self.num_shards))
+        write_pickle(obj if index is None else dict(zip(index, obj)), shard_path(path, self.shard_id, self.num_shards))
         print(f"this is part {self.shard_id + 1} of {self.num_shards}: when all are done, run "
               f"`python scripts/merge_shards.py {path} --num_shards {self.num_shards}`")
 

@@ -15,10 +15,11 @@ from utils import SUMMARY, ResultCache, parse_args, read_table
 
 args, model_args = parse_args(ModelArguments)
 product_class = args.resolve_product_class()
-reviews = model_args.shard(read_table(args, "raw_data/train.pkl"))
+reviews = read_table(args, "raw_data/train.pkl")
+prompts = [summary_prompt(product_class, r.title, r.ratings, r.reviews) for r in reviews.itertuples()]
 model, tokenizer, model_id = load_expert(args, model_args, "Summarizer")
 
-prompts = [summary_prompt(product_class, r.title, r.ratings, r.reviews) for r in reviews.itertuples()]
+reviews, prompts = model_args.shard(tokenizer, reviews, prompts)
 reviews[SUMMARY] = generate(model, tokenizer, prompts, max_new_tokens=model_args.max_new_tokens,
                             batch_size=model_args.batch_size, cache=ResultCache(args.file("generation_cache.sqlite")),
                             model_id=model_id, desc="summarizing")

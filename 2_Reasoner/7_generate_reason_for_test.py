@@ -14,12 +14,13 @@ from utils import ResultCache, load_histories, parse_args, read_table
 
 args, model_args = parse_args(ModelArguments)
 product_class = args.resolve_product_class()
-test = model_args.shard(read_table(args, "raw_data/test.pkl"))
+test = read_table(args, "raw_data/test.pkl")
 histories = load_histories(args)
-model, tokenizer, model_id = load_expert(args, model_args, "Reasoner")
-
 prompts = [reason_prompt(product_class, t.title, histories(t.user_id, t.item_id, t.unixReviewTime))
            for t in test.itertuples()]
+model, tokenizer, model_id = load_expert(args, model_args, "Reasoner")
+
+test, prompts = model_args.shard(tokenizer, test, prompts)
 test["reasoner_reply"] = generate(model, tokenizer, prompts, max_new_tokens=model_args.max_new_tokens,
                                   batch_size=model_args.batch_size, model_id=model_id,
                                   cache=ResultCache(args.file("generation_cache.sqlite")), desc="Reasoner")

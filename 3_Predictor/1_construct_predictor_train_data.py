@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from llm import ModelArguments, generate, load_expert
 from prompts import rating_prompt, reason_prompt
-from utils import ResultCache, load_histories, parse_args, rating_answer, read_table, to_messages
+from utils import ResultCache, fail, load_histories, parse_args, rating_answer, read_table, to_messages
 
 
 @dataclass
@@ -27,18 +27,23 @@ class PredictorArguments:
 
 args, model_args, predictor = parse_args(ModelArguments, PredictorArguments)
 product_class = args.resolve_product_class()
-targets = model_args.shard(read_table(args, "distilling_high_quality_reasons.pkl"))
+targets = read_table(args, "distilling_high_quality_reasons.pkl")
 contexts = load_histories(args).for_rows(targets)
 
 if predictor.no_reason:
+    if model_args.num_shards > 1:
+        fail("--no_reason generates nothing: run it once, without shards")
     analyses = [None] * len(targets)
 else:
+    questions = [reason_prompt(product_class, t, h) for t, h in zip(targets.title, contexts)]
     model, tokenizer, model_id = load_expert(args, model_args, "Reasoner")
-    analyses = generate(model, tokenizer, [reason_prompt(product_class, t, h) for t, h in zip(targets.title, contexts)],
-                        max_new_tokens=model_args.max_new_tokens, batch_size=model_args.batch_size, model_id=model_id,
+    targets, questions = model_args.shard(tokenizer, targets, questions)
+    contexts = [contexts[i] for i in targets.index]
+    analyses = generate(model, tokenizer, questions, max_new_tokens=model_args.max_new_tokens,
+                        batch_size=model_args.batch_size, model_id=model_id,
                         cache=ResultCache(args.file("generation_cache.sqlite")), desc="Reasoner")
 
 examples = [to_messages(rating_prompt(product_class, title, h, analysis), rating_answer(r))
             for title, h, analysis, r in zip(targets.title, contexts, analyses, targets.ratings)]
 model_args.write(examples, args.file("Direct_Predictor_train_instruct.pkl" if predictor.no_reason
-                                     else "Predictor_train_instruct.pkl"))
+                                     else "Predictor_train_instruct.pkl"), index=targets.index)

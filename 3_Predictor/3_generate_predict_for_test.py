@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from llm import ModelArguments, load_expert, predict_ratings
 from prompts import rating_prompt
-from utils import COLUMNS, ResultCache, load_histories, parse_args, read_table
+from utils import COLUMNS, RATING_PREFIX, ResultCache, load_histories, parse_args, read_table
 
 
 @dataclass
@@ -25,15 +25,16 @@ class PredictorArguments:
 args, model_args, predictor = parse_args(ModelArguments, PredictorArguments)
 product_class = args.resolve_product_class()
 if predictor.no_reason:
-    test = model_args.shard(read_table(args, "raw_data/test.pkl"))
+    test = read_table(args, "raw_data/test.pkl")
     analyses = [None] * len(test)
 else:
-    test = model_args.shard(read_table(args, "reason_for_test_by_reasoner.pkl", COLUMNS + ["reasoner_reply"]))
+    test = read_table(args, "reason_for_test_by_reasoner.pkl", COLUMNS + ["reasoner_reply"])
     analyses = test["reasoner_reply"].tolist()
 contexts = load_histories(args).for_rows(test)
+prompts = [rating_prompt(product_class, title, h, analysis) for title, h, analysis in zip(test.title, contexts, analyses)]
 model, tokenizer, model_id = load_expert(args, model_args, "Direct_Predictor" if predictor.no_reason else "Predictor")
 
-prompts = [rating_prompt(product_class, title, h, analysis) for title, h, analysis in zip(test.title, contexts, analyses)]
+test, prompts = model_args.shard(tokenizer, test, prompts, prefix=RATING_PREFIX)
 test["pred"] = predict_ratings(model, tokenizer, prompts, batch_size=model_args.batch_size, model_id=model_id,
                                cache=ResultCache(args.file("generation_cache.sqlite")), desc="Predictor")
 model_args.write(test, args.file("rating_for_test_direct.pkl" if predictor.no_reason

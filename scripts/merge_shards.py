@@ -25,13 +25,11 @@ if missing:
 parts = [read_pickle(p, what="any") for p in paths]
 if all(isinstance(p, pd.DataFrame) for p in parts):  # each part keeps its rows' original index
     merged = pd.concat(parts).sort_index()
-    if merged.index.has_duplicates:
-        fail(f"the parts of {args.output} overlap: were they written with different --num_shards?")
-    merged = merged.reset_index(drop=True)
-elif all(isinstance(p, list) for p in parts):  # part k holds rows k, k+N, k+2N, ...: interleave them back
-    if not all(len(parts[0]) - 1 <= len(p) <= len(parts[0]) for p in parts):
-        fail(f"the parts of {args.output} do not have the sizes of one split into {args.num_shards}")
-    merged = [p[i] for i in range(len(parts[0])) for p in parts if i < len(p)]
+elif all(isinstance(p, dict) for p in parts):  # lists are written as {row: item}
+    merged = pd.Series({row: item for p in parts for row, item in p.items()}).sort_index()
 else:
-    fail(f"the parts of {args.output} are not all DataFrames or all lists")
+    fail(f"the parts of {args.output} are not all of one kind (DataFrame, or list written as a dict)")
+if sum(map(len, parts)) != len(merged) or not merged.index.equals(pd.RangeIndex(len(merged))):
+    fail(f"the parts of {args.output} overlap or leave rows out: were they written with different --num_shards?")
+merged = merged.reset_index(drop=True) if isinstance(merged, pd.DataFrame) else merged.tolist()
 write_pickle(merged, args.output)
