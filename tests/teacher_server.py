@@ -6,7 +6,7 @@ Its answers are deterministic functions of the request (prompt, temperature, see
 `faults` is a list of what to do to the next requests in turn ("429", "500", "timeout", "malformed", "empty",
 "no_choices", or None for a normal answer).  `hold(n)` makes it answer n requests in all and then leave every
 further one hanging unanswered, until `release()` drops those and goes back to normal: a client can then be killed at
-a known point with nothing in flight that the server would count as answered.
+a known point: once n answers are out (`answers >= n`), nothing is in flight that the server would answer.
 """
 import hashlib
 import json
@@ -42,6 +42,7 @@ class TeacherServer:
         self.received = 0
         self.bodies = []  # every request body received, as JSON
         self.hold_after = None
+        self.reserved = 0  # requests admitted to be answered
         self._released = threading.Event()
         self._lock = threading.Lock()
         server = self
@@ -52,11 +53,12 @@ class TeacherServer:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server._lock:
+                with server._lock:  # decided on arrival: answered (at most hold_after in all), or held
                     server.received += 1
                     server.bodies.append(body)
                     fault = server.faults.pop(0) if server.faults else None
-                    held = server.hold_after is not None and server.answers >= server.hold_after
+                    held = fault is None and server.hold_after is not None and server.reserved >= server.hold_after
+                    server.reserved += fault is None and not held
                 if held:
                     server._released.wait()
                     return  # dropped: never answered
@@ -67,10 +69,10 @@ class TeacherServer:
                 if fault == "timeout":
                     time.sleep(30)
                     return
-                prompt = body["messages"][-1]["content"]
-                text = "" if fault == "empty" else server.respond(prompt, body.get("temperature", 1.0), body.get("seed"))
                 if fault == "malformed":
                     return self._send(200, b'{"id": "x", "choices": [{"message": ')
+                prompt = body["messages"][-1]["content"]
+                text = "" if fault == "empty" else server.respond(prompt, body.get("temperature", 1.0), body.get("seed"))
                 choices = [] if fault == "no_choices" else [
                     {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}]
                 if text and choices:
@@ -90,8 +92,13 @@ class TeacherServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                pass  # a client killed on purpose leaves a broken pipe behind: expected here
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_port}/v1"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
