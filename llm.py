@@ -188,11 +188,6 @@ def _pad_left(tokenizer, ids, device):
     return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
 
 
-def _positions(attention_mask):
-    """Position ids that start at 0 on each row's first real token, as generate() computes them."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-
 def _run_batched(kind, keys, ids, batch_size, cache, desc, compute):
     """Run `compute(batch_ids, batch_index)` over length-sorted batches, skipping batches whose answers are cached and
     committing each new batch to the cache at once.  Returns the answers in input order."""
@@ -257,16 +252,24 @@ def rating_token_ids(tokenizer, prefix: str = RATING_PREFIX) -> list[int]:
 def predict_ratings(model, tokenizer, questions, *, prefix: str = RATING_PREFIX, batch_size: int = 8,
                     cache: ResultCache | None = None, model_id: str = "", desc: str = "scoring") -> np.ndarray:
     """The paper's logits-weighted prediction: after `prefix`, the softmax over the logits of "1".."5", its
-    expectation, clipped to [1, 5].  One forward pass per batch, on the model's device."""
+    expectation, clipped to [1, 5].  One forward pass per batch, on the model's device.
+
+    Batches are padded on the right and run without a padding mask: under the causal mask no real token can see the
+    padding after it, so each row is computed as it would be alone (the fast causal attention kernel, and the same
+    numbers), and the logits are read at each row's own last token."""
     texts = [chat_text(tokenizer, q, prefix) for q in questions]
     ids = _encode(tokenizer, texts)
     keys = [ResultCache.key("rating", model_id, t) for t in texts]
     digits = torch.tensor(rating_token_ids(tokenizer, prefix))
 
     def compute(batch, first):
-        inputs = _pad_left(tokenizer, batch, model.device)
-        positions = _positions(inputs["attention_mask"])
-        logits = model(**inputs, position_ids=positions, logits_to_keep=1).logits[:, -1, :].float()
+        last = torch.tensor([len(seq) - 1 for seq in batch])
+        input_ids = torch.full((len(batch), int(last.max()) + 1), tokenizer.pad_token_id, dtype=torch.long)
+        for row, seq in enumerate(batch):
+            input_ids[row, :len(seq)] = torch.tensor(seq)
+        keep = torch.unique(last)  # the sequence positions whose logits are needed, sorted
+        logits = model(input_ids=input_ids.to(model.device), logits_to_keep=keep.to(model.device)).logits
+        logits = logits[torch.arange(len(batch)), torch.searchsorted(keep, last)].float()
         probs = torch.softmax(logits[:, digits.to(logits.device)], dim=-1)
         expected = probs @ torch.arange(1.0, 6.0, device=probs.device)
         return expected.clamp(1.0, 5.0).tolist()

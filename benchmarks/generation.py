@@ -33,7 +33,8 @@ def review_texts(n: int) -> list[tuple[str, float, str]]:
     return [(f"Item {i}", 4.0, "Great strings, bright tone. " * (1 + i % 12)) for i in range(n)]
 
 
-def padding_fraction(lengths, batch_size, sort) -> float:
+def padding_fraction(lengths, batch_size, sort=True) -> float:
+    """The share of padding in the batches, formed as the project forms them (sorted by length) or in input order."""
     order = llm.batches(lengths, batch_size) if sort else \
         [list(range(i, min(i + batch_size, len(lengths)))) for i in range(0, len(lengths), batch_size)]
     padded = sum(max(lengths[i] for i in b) * len(b) for b in order)

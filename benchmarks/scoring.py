@@ -5,7 +5,7 @@ logits_weighted_predict), on the same 32 Predictor prompts with SmolLM2-135M-Ins
 The prompts are rating prompts with histories and an analysis, built by the project's history index from a
 generated review log (benchmarks/history_prompts.py).
 
-    python benchmarks/scoring.py [--prompts 32] [--batch_size 16]
+    python benchmarks/scoring.py [--prompts 32] [--batch_sizes 4 8 16]
 """
 import argparse
 import sys
@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import llm  # noqa: E402
+from generation import padding_fraction  # noqa: E402
 from history_prompts import ANALYSIS, PRODUCT, review_log  # noqa: E402
 from prompts import rating_prompt  # noqa: E402
 from utils import HistoryIndex, require_model  # noqa: E402
@@ -28,7 +29,7 @@ MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--max_his", type=int, default=10)
     parser.add_argument("--model", default=str(MODEL))
     args = parser.parse_args()
@@ -44,17 +45,24 @@ def main():
     start = time.perf_counter()
     single = np.array([llm.predict_ratings(model, tokenizer, [q], batch_size=1, desc="one")[0] for q in questions])
     single_s = time.perf_counter() - start
-    start = time.perf_counter()
-    batched = llm.predict_ratings(model, tokenizer, questions, batch_size=args.batch_size, desc="batched")
-    batched_s = time.perf_counter() - start
+    rows = []
+    for size in args.batch_sizes:
+        start = time.perf_counter()
+        batched = llm.predict_ratings(model, tokenizer, questions, batch_size=size, desc="batched")
+        rows.append((size, time.perf_counter() - start, np.abs(batched - single).max(), padding_fraction(lengths, size)))
 
     print(f"\n{len(questions)} rating prompts of {min(lengths)}-{max(lengths)} tokens, {args.model}")
-    print("| way | wall time (s) | prompts/s |")
-    print("|---|---:|---:|")
-    print(f"| one at a time (official) | {single_s:.1f} | {len(questions) / single_s:.2f} |")
-    print(f"| batched, {args.batch_size} per batch, sorted by length | {batched_s:.1f} | {len(questions) / batched_s:.2f} |")
-    print(f"\nlargest difference between the two: {np.abs(batched - single).max():.2e} (must be < 1e-5)")
-    print(f"speed-up (one at a time / batched): {single_s / batched_s:.2f}x")
+    print("| way | wall time (s) | prompts/s | padding | largest difference from one at a time |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| one at a time (official) | {single_s:.1f} | {len(questions) / single_s:.2f} | 0% | - |")
+    for size, seconds, diff, padding in rows:
+        print(f"| batched, {size} per batch, sorted by length | {seconds:.1f} | {len(questions) / seconds:.2f} | "
+              f"{padding:.0%} | {diff:.1e} |")
+    worst = max(diff for _, _, diff, _ in rows)
+    print(f"\nall batched ratings within 1e-5 of one at a time: {worst < 1e-5} (largest difference {worst:.1e})")
+    best = min(rows, key=lambda r: r[1])
+    print(f"speed-up (one at a time / batched): " + ", ".join(f"{size} per batch {single_s / s:.2f}x" for size, s, _, _ in rows)
+          + f"; best {single_s / best[1]:.2f}x")
 
 
 if __name__ == "__main__":
