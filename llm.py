@@ -37,7 +37,8 @@ from tqdm.auto import tqdm  # noqa: E402
 @dataclass
 class ModelArguments:
     model_path: str | None = field(default=None, metadata={
-        "help": "the expert's adapter (default: what its *_train.sh writes, checkpoints/<dataset>/<Name>/final_checkpoint)"})
+        "help": "the expert's adapter (default: what its *_train.sh writes, "
+                "checkpoints/<dataset>/<Name>/final_checkpoint)"})
     base_model_path: str | None = field(default=None, metadata={
         "help": "the base model, where the adapter's own record of it is out of date (default: $MODEL_PATH)"})
     load_in_4bit: str = field(default="auto", metadata={"help": "true/false; auto: on a CUDA GPU"})
@@ -57,8 +58,8 @@ class ModelArguments:
         if self.num_shards == 1:
             return rows, questions
         lengths = [len(ids) for ids in _encode(tokenizer, [chat_text(tokenizer, q, prefix) for q in questions])]
-        mine = sorted(i for b, batch in enumerate(batches(lengths, self.batch_size)) if b % self.num_shards == self.shard_id
-                      for i in batch)
+        mine = sorted(i for b, batch in enumerate(batches(lengths, self.batch_size))
+                      if b % self.num_shards == self.shard_id for i in batch)
         return rows.iloc[mine], [questions[i] for i in mine]
 
     def write(self, obj, path: Path, index=None):

@@ -88,7 +88,7 @@ User's Average Rating (all previous ratings): {_average(history.user_avg)}
 Item's Average Rating (all ratings by other users): {_average(history.item_avg)}
 
 """
-    output = f"""(1 being the lowest and 5 being highest, directly give the rating without other content.)
+    output = """(1 being the lowest and 5 being highest, directly give the rating without other content.)
 [Output Format] Predicted Rating: [A rating between 1 and 5]\tGive your reply following the output format without any extra information."""
     if analysis is None:
         return context + f"""Based on the user's and item's rating histories and their average past ratings, please predict the user's rating for "{title}", """ + output

@@ -112,7 +112,7 @@ class Teacher:
                     n=1, max_tokens=self.max_tokens, seed=sample)
                 text = response.choices[0].message.content if response.choices else None
             except (openai.APIStatusError, openai.APIConnectionError) as e:  # retries already spent by the client
-                raise TeacherError(self._safe(f"teacher request for row {label} failed: {type(e).__name__}: {e}"))
+                raise TeacherError(self._safe(f"teacher request for row {label} failed: {type(e).__name__}: {e}")) from e
             except Exception as e:  # malformed JSON and the like
                 cause = f"{type(e).__name__}: {e}"
                 continue
@@ -142,8 +142,8 @@ class Teacher:
         for sample in sorted({s for _, s, _ in todo.values()}):
             group = {k: p for k, (p, s, _) in todo.items() if s == sample}
             texts = llm.generate(model, tokenizer, list(group.values()), max_new_tokens=self.max_tokens,
-                                 temperature=temperature, seed=sample, batch_size=int(os.environ.get("TEACHER_BATCH_SIZE", 8)),
-                                 cache=self.cache, keys=list(group), desc=desc)
+                                 temperature=temperature, seed=sample, cache=self.cache, keys=list(group), desc=desc,
+                                 batch_size=int(os.environ.get("TEACHER_BATCH_SIZE", 8)))
             answers.update(zip(group, texts))
             self.usage["requests"] += len(group)
         return answers

@@ -21,7 +21,6 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-REPO = Path(__file__).resolve().parent
 COLUMNS = ["user_id", "item_id", "title", "ratings", "reviews", "unixReviewTime"]
 SUMMARY = "aspect_preference_summary"
 RATING_PREFIX = "Predicted Rating: "

@@ -61,7 +61,7 @@ def main():
     worst = max(diff for _, _, diff, _ in rows)
     print(f"\nall batched ratings within 1e-5 of one at a time: {worst < 1e-5} (largest difference {worst:.1e})")
     best = min(rows, key=lambda r: r[1])
-    print(f"speed-up (one at a time / batched): " + ", ".join(f"{size} per batch {single_s / s:.2f}x" for size, s, _, _ in rows)
+    print("speed-up (one at a time / batched): " + ", ".join(f"{size} per batch {single_s / s:.2f}x" for size, s, _, _ in rows)
           + f"; best {single_s / best[1]:.2f}x")
 
 

@@ -46,7 +46,8 @@ def child(args):
             self.start = time.perf_counter()
 
         def on_step_end(self, *_, **__):
-            torch.cuda.synchronize() if torch.cuda.is_available() else None
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - self.start)
 
     dataset = Dataset.from_list(examples)
