@@ -18,13 +18,18 @@ REAL_DATA = REPO.parent / "shared" / "data" / "reviews_Musical_Instruments_5.jso
 DATASET = "mi"
 
 
+def environment(extra=None) -> dict:
+    """The environment of a step run by a test: this one, with this Python for the bash scripts too."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHON": sys.executable,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **(extra or {})}
+
+
 def run(*command, cwd=REPO, env=None, check=True, timeout=900) -> subprocess.CompletedProcess:
     """Run a pipeline step (a repository path: .py with this Python, .sh with bash) and return what it printed."""
     script, *rest = (str(c) for c in command)
     program = [sys.executable] if script.endswith(".py") else ["bash"] if script.endswith(".sh") else []
     path = str(REPO / script) if program else script
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    result = subprocess.run(program + [path, *rest], cwd=cwd, env=full_env, capture_output=True, text=True,
+    result = subprocess.run(program + [path, *rest], cwd=cwd, env=environment(env), capture_output=True, text=True,
                             timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{script} {' '.join(rest)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"

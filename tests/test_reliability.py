@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import DATASET, FAST, REPO, full_run, pipeline_env, run
+from conftest import DATASET, FAST, REPO, environment, full_run, pipeline_env, run
 from teacher_server import TeacherServer
 
 GEN = FAST["GEN_ARGS"].split()
@@ -65,7 +65,7 @@ def test_kill_at_a_random_point_and_resume(finished, tmp_path, tiny_model, scrip
     server.close()
 
     server = TeacherServer()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **pipeline_env(tiny_model, server)}
+    env = environment(pipeline_env(tiny_model, server))
     cache = data(killed) / f"{kind}_cache.sqlite"
     stop_at = random.Random(script).randint(1, max(1, total // 2)) if kind == "teacher" else 2
     if kind == "teacher":
@@ -90,7 +90,7 @@ def test_kill_at_a_random_point_and_resume(finished, tmp_path, tiny_model, scrip
 def test_training_resumes_from_its_last_checkpoint(finished, tmp_path, tiny_model):
     root = finished[0]
     args = ["--max_steps", "6", "--save_strategy", "steps", "--save_steps", "1", "--per_device_train_batch_size", "2"]
-    env = {**os.environ, **pipeline_env(tiny_model)}
+    env = environment(pipeline_env(tiny_model))
     whole, killed = (copy_of(root, tmp_path / name, "checkpoints") for name in ("whole", "killed"))
     run("2_Reasoner/6_reasoner_train.sh", *args, cwd=whole, env=pipeline_env(tiny_model))
     child = subprocess.Popen(["bash", str(REPO / "2_Reasoner/6_reasoner_train.sh"), *args], cwd=killed, env=env,
@@ -130,7 +130,7 @@ def test_teacher_faults_end_in_one_clear_error_naming_the_row_and_keep_the_answe
     env = pipeline_env(tiny_model, server, TEACHER_CONCURRENCY="1", TEACHER_MAX_RETRIES="2", TEACHER_TIMEOUT="1")
     server.hold(5)
     child = subprocess.Popen([sys.executable, str(REPO / "1_Summarizer/1_distilling_aspect_preference_summary.py")],
-                             cwd=work, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             cwd=work, env=environment(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
     while server.answers < 5:
         time.sleep(0.01)
