@@ -38,6 +38,9 @@ def test_metrics_of_the_pipeline_and_the_baselines(tmp_path):
     assert metrics["rows_without_user_history"] == 1 and metrics["rows_without_item_history"] == 1
     assert metrics["results"]["with user and item history"]["Global mean"]["MAE"] == round((0.5 + 2.5) / 2, 4)
     assert "Reason4Rec beats the best other method" in metrics["verdict"] and "Reason4Rec" in out
+    gap = metrics["mae_difference_to_best"]  # ours (MAE 0.375) against the best other: the user mean (1.125)
+    assert gap["best"] == "User mean" and gap["difference"] == -0.75
+    assert gap["ci95"][0] <= -0.75 <= gap["ci95"][1] and "paired bootstrap 95% interval" in metrics["verdict"]
     assert (data / "predictions.png").exists()
 
 
