@@ -179,14 +179,9 @@ def batches(lengths, batch_size: int):
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _pad_left(tokenizer, ids, device):
-    width = max(map(len, ids))
-    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, seq in enumerate(ids):
-        input_ids[row, width - len(seq):] = torch.tensor(seq)
-        attention[row, width - len(seq):] = 1
-    return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
+def _pad(tokenizer, ids, side: str):
+    """A batch of token-id lists as tensors padded on `side`, with their attention mask."""
+    return tokenizer.pad({"input_ids": ids}, padding_side=side, return_tensors="pt")
 
 
 def _run_batched(kind, keys, ids, batch_size, cache, desc, compute):
@@ -228,7 +223,7 @@ def generate(model, tokenizer, questions, *, max_new_tokens: int = 1024, tempera
     def compute(batch, first):
         if temperature > 0:  # a seed per batch, and batches depend on the inputs only: reruns sample the same
             torch.manual_seed(seed * 1_000_003 + first)
-        inputs = _pad_left(tokenizer, batch, model.device)
+        inputs = _pad(tokenizer, batch, "left").to(model.device)
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(model, tokenizer),
                              pad_token_id=tokenizer.pad_token_id, **sampling)
         return tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -265,9 +260,7 @@ def predict_ratings(model, tokenizer, questions, *, prefix: str = RATING_PREFIX,
 
     def compute(batch, first):
         last = torch.tensor([len(seq) - 1 for seq in batch])
-        input_ids = torch.full((len(batch), int(last.max()) + 1), tokenizer.pad_token_id, dtype=torch.long)
-        for row, seq in enumerate(batch):
-            input_ids[row, :len(seq)] = torch.tensor(seq)
+        input_ids = _pad(tokenizer, batch, "right")["input_ids"]
         keep = torch.unique(last)  # the sequence positions whose logits are needed, sorted
         logits = model(input_ids=input_ids.to(model.device), logits_to_keep=keep.to(model.device)).logits
         logits = logits[torch.arange(len(batch)), torch.searchsorted(keep, last)].float()

@@ -73,8 +73,9 @@ if __name__ == "__main__":
     labels = [f"{i} of train_12000.pkl (user {t.user_id}, item {t.item_id})" for i, t in enumerate(targets.itertuples())]
 
     def score(rows, analyses=None):
-        prompts = [rating_prompt(product_class, targets.title[i], contexts[i], analyses and analyses[k])
-                   for k, i in enumerate(rows)]
+        analyses = analyses if analyses is not None else [None] * len(rows)
+        prompts = [rating_prompt(product_class, targets.title[i], contexts[i], analysis)
+                   for i, analysis in zip(rows, analyses)]
         return predict_ratings(reward_model, tokenizer, prompts, batch_size=model_args.batch_size, model_id=model_id,
                                cache=scores, desc="reward model")
 
