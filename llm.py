@@ -1,9 +1,11 @@
-"""Loading the base model and its LoRA experts, batched generation, and batched logits-weighted rating prediction.
+"""The base model and its LoRA experts: one way to load them, and the two things the pipeline asks of an expert,
+batched and cached: write answers (`Expert.generate`) and rate (`Expert.score`, the paper's logits-weighted rating).
 
 The paper runs everything through Unsloth's FastLanguageModel; where Unsloth is installed it is used here too,
 otherwise transformers + PEFT (+ bitsandbytes for 4-bit) do the same job.  REASON4REC_BACKEND=hf|unsloth forces
-one.  Nothing here names a special token: prompts come from the tokenizer's chat template, generation stops on
-the eos tokens of the tokenizer and the generation config.
+one.  Training (qlora_finetune.py) and inference load the base model through the same `load_base`, so they can never
+load it differently.  Nothing here names a special token: prompts come from the tokenizer's chat template,
+generation stops on the eos tokens of the tokenizer and the generation config.
 """
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils import RATING_PREFIX, DataArguments, ResultCache, fail, require_model, shard_path, write_pickle
+import parallel
+from cache import ResultCache
+from prompts import RATING_PREFIX
+from utils import DataArguments, fail, require_model
 
 
 def backend() -> str:
@@ -36,47 +41,16 @@ from tqdm.auto import tqdm  # noqa: E402
 
 @dataclass
 class ModelArguments:
-    model_path: str | None = field(default=None, metadata={
-        "help": "the expert's adapter (default: what its *_train.sh writes, "
-                "checkpoints/<dataset>/<Name>/final_checkpoint)"})
+    adapter_path: str | None = field(default=None, metadata={
+        "help": "the expert's LoRA adapter (default: what its *_train.sh writes, "
+                "<checkpoint_dir>/<dataset>/<Expert>/final_checkpoint)"})
+    checkpoint_dir: str = field(default_factory=lambda: os.environ.get("CHECKPOINT_DIR", "checkpoints"), metadata={
+        "help": "where the *_train.sh scripts write the adapters (default: $CHECKPOINT_DIR, else checkpoints)"})
     base_model_path: str | None = field(default=None, metadata={
         "help": "the base model, where the adapter's own record of it is out of date (default: $MODEL_PATH)"})
     load_in_4bit: str = field(default="auto", metadata={"help": "true/false; auto: on a CUDA GPU"})
     batch_size: int = field(default=8, metadata={"help": "prompts per forward pass"})
     max_new_tokens: int = field(default=1024, metadata={"help": "longest generated answer"})
-    num_shards: int = field(default=1, metadata={"help": "split the rows into this many shards (one per GPU or "
-                                                         "machine); merge the parts with scripts/merge_shards.py"})
-    shard_id: int = field(default=0, metadata={"help": "which shard this run does, 0 .. num_shards-1"})
-
-    def __post_init__(self):
-        if not 0 <= self.shard_id < self.num_shards:
-            fail(f"--shard_id must be in 0..{self.num_shards - 1}, not {self.shard_id}")
-
-    def shard(self, tokenizer, rows, questions, prefix: str = ""):
-        """This run's rows and questions.  Shards take whole batches (batch b goes to shard b % num_shards), the batches
-        a single run would form, so that every prompt is computed exactly as in a single run."""
-        if self.num_shards == 1:
-            return rows, questions
-        lengths = [len(ids) for ids in _encode(tokenizer, [chat_text(tokenizer, q, prefix) for q in questions])]
-        mine = sorted(i for b, batch in enumerate(batches(lengths, self.batch_size))
-                      if b % self.num_shards == self.shard_id for i in batch)
-        return rows.iloc[mine], [questions[i] for i in mine]
-
-    def write(self, obj, path: Path, index=None):
-        """Write an output, or this shard's part of it, which keeps the row numbers (a DataFrame its index; a list is
-        written as {row: item} with the row numbers in `index`) for scripts/merge_shards.py to put it back in order."""
-        if self.num_shards == 1:
-            return write_pickle(obj, path)
-        write_pickle(obj if index is None else dict(zip(index, obj)), shard_path(path, self.shard_id, self.num_shards))
-        print(f"this is part {self.shard_id + 1} of {self.num_shards}: when all are done, run "
-              f"`python scripts/merge_shards.py {path} --num_shards {self.num_shards}`")
-
-
-def load_expert(data: DataArguments, args: ModelArguments, expert: str):
-    """(model, tokenizer, model_id) of a trained expert; `model_id` identifies its weights in result caches."""
-    path = require_model(args.model_path or data.checkpoint(expert))
-    model, tokenizer = load_model(path, load_in_4bit=args.load_in_4bit, base_model_path=args.base_model_path)
-    return model, tokenizer, fingerprint(path)
 
 
 def default_dtype():
@@ -92,6 +66,45 @@ def use_4bit(load_in_4bit) -> bool:
     return str(load_in_4bit).lower() in ("1", "true", "yes")
 
 
+def load_base(path: str | Path, *, load_in_4bit="auto", max_seq_length: int = 4096):
+    """(model, tokenizer) of a base model, as training and inference both load it: Unsloth where installed, else
+    transformers (+ bitsandbytes NF4 with double quantization for 4-bit); bf16 on a GPU that has it, float32 on a
+    CPU; each process of a data-parallel run on its own GPU.  Returns also whether it really is in 4-bit."""
+    path, quantize = str(path), use_4bit(load_in_4bit)
+    device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else None
+    if backend() == "unsloth":
+        from unsloth import FastLanguageModel
+
+        extra = {"device_map": device_map} if device_map else {}
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=path, max_seq_length=max_seq_length, dtype=None, load_in_4bit=quantize, **extra)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=default_dtype()) if quantize else None
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=default_dtype(), quantization_config=quantization,
+                                                     device_map=device_map)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, prepare_tokenizer(tokenizer)
+
+
+def loaded_in_4bit(model) -> bool:
+    """Whether the model's weights really are 4-bit, as loaded (not as asked for)."""
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(getattr(model, "config", None),
+                                                                       "quantization_config", None))
+
+
+def prepare_tokenizer(tokenizer):
+    # A pad token where the model has none: its value never matters, since generation masks padding with the attention
+    # mask, scoring reads each row before its padding, and training masks it out of the loss.
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # generation continues at the right end of every row
+    return tokenizer
+
+
 def base_of(adapter: str | Path, base_model_path: str | None = None) -> str:
     """The base model a LoRA adapter was trained on: its adapter_config.json says, unless overridden (--base_model_path
     or $MODEL_PATH), e.g. when the base model has moved since training."""
@@ -105,50 +118,6 @@ def base_of(adapter: str | Path, base_model_path: str | None = None) -> str:
     return base
 
 
-def load_model(path: str | Path, *, load_in_4bit="auto", max_seq_length: int = 4096, base_model_path=None):
-    """(model, tokenizer) ready for inference from a base model folder or a LoRA adapter folder."""
-    path = str(path)
-    adapter = path if (Path(path) / "adapter_config.json").exists() else None
-    base = base_of(adapter, base_model_path) if adapter else path
-    quantize = use_4bit(load_in_4bit)
-    if backend() == "unsloth":
-        from unsloth import FastLanguageModel
-
-        model, tokenizer = FastLanguageModel.from_pretrained(
-            model_name=base, max_seq_length=max_seq_length, dtype=None, load_in_4bit=quantize)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
-        quantization = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=default_dtype()) if quantize else None
-        model = AutoModelForCausalLM.from_pretrained(
-            base, dtype=default_dtype(), quantization_config=quantization,
-            device_map="auto" if torch.cuda.is_available() else None)
-        tokenizer = AutoTokenizer.from_pretrained(base)
-    if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-        if (Path(adapter) / "tokenizer_config.json").exists():
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(adapter)
-    if backend() == "unsloth":
-        from unsloth import FastLanguageModel
-
-        FastLanguageModel.for_inference(model)
-    model.eval()
-    return model, prepare_tokenizer(tokenizer)
-
-
-def prepare_tokenizer(tokenizer):
-    if tokenizer.pad_token is None:  # the official code sets pad id 0; padding is masked either way
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"  # generation continues at the right end of every row
-    return tokenizer
-
-
 def fingerprint(path: str | Path) -> str:
     """Identifies a model's weights, so that a cached generation is never reused after retraining."""
     path = Path(path)
@@ -158,6 +127,99 @@ def fingerprint(path: str | Path) -> str:
             h.update(f.read_bytes())
         h.update(f"{f.name}{f.stat().st_size}{f.stat().st_mtime_ns}".encode())
     return h.hexdigest()[:16]
+
+
+def load_model(path: str | Path, *, load_in_4bit="auto", base_model_path=None, **expert) -> "Expert":
+    """A base model folder, or a LoRA adapter folder on its base model, ready for inference."""
+    path = str(path)
+    adapter = path if (Path(path) / "adapter_config.json").exists() else None
+    model, tokenizer = load_base(base_of(adapter, base_model_path) if adapter else path, load_in_4bit=load_in_4bit)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+        if (Path(adapter) / "tokenizer_config.json").exists():
+            from transformers import AutoTokenizer
+
+            tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(adapter))
+    if backend() == "unsloth":
+        from unsloth import FastLanguageModel
+
+        FastLanguageModel.for_inference(model)
+    model.eval()
+    return Expert(model, tokenizer, fingerprint(path), **expert)
+
+
+def load_expert(data: DataArguments, args: ModelArguments, name: str) -> "Expert":
+    """A trained expert (by default the adapter its *_train.sh wrote), with the step's batch settings and the dataset's
+    generation cache."""
+    path = require_model(args.adapter_path or Path(args.checkpoint_dir) / data.dataset / name / "final_checkpoint")
+    expert = load_model(path, load_in_4bit=args.load_in_4bit, base_model_path=args.base_model_path,
+                        cache=ResultCache(data.file("generation_cache.sqlite")), batch_size=args.batch_size,
+                        max_new_tokens=args.max_new_tokens)
+    print(f"{name}: {path} on {backend()}, {'4-bit' if loaded_in_4bit(expert.model) else 'not quantized'}")
+    return expert
+
+
+class Expert:
+    """A language model (a base model, or a base model with a LoRA adapter) and what the pipeline asks of it:
+    `generate` answers, or `score` the rating after "Predicted Rating: ".  Work goes in length-sorted batches, each
+    kept in `cache` as soon as it is done, under keys that include `model_id` (a fingerprint of the weights)."""
+
+    def __init__(self, model, tokenizer, model_id: str = "", *, cache: ResultCache | None = None, batch_size: int = 8,
+                 max_new_tokens: int = 1024):
+        self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+        self.cache, self.batch_size, self.max_new_tokens = cache, batch_size, max_new_tokens
+
+    @torch.no_grad()
+    def generate(self, questions, *, temperature: float = 0.0, seed: int = 0, keys=None, desc: str = "generating",
+                 batch_size: int | None = None, max_new_tokens: int | None = None) -> list[str]:
+        """Answer every question (one user turn each): greedy when temperature is 0, sampled otherwise.  Left-padded
+        batches of similar length; the same answers as one question at a time.  `keys`: the cache keys (default: a
+        hash of the model, the prompt and the settings)."""
+        model, tokenizer = self.model, self.tokenizer
+        max_new_tokens = max_new_tokens or self.max_new_tokens
+        texts = [chat_text(tokenizer, q) for q in questions]
+        ids = _encode(tokenizer, texts)
+        keys = keys or [ResultCache.key("generate", self.model_id, t, max_new_tokens, temperature, seed) for t in texts]
+        sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else \
+            dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+
+        def compute(batch, first):
+            if temperature > 0:  # a seed per batch, and batches depend on the inputs only: reruns sample the same
+                torch.manual_seed(seed * 1_000_003 + first)
+            inputs = _pad(tokenizer, batch, "left").to(model.device)
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=stop_token_ids(model, tokenizer), **sampling)
+            return tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+        return _run_batched(keys, ids, batch_size or self.batch_size, self.cache, desc, compute)
+
+    @torch.no_grad()
+    def score(self, questions, *, desc: str = "scoring", batch_size: int | None = None) -> np.ndarray:
+        """The paper's logits-weighted rating: after "Predicted Rating: ", the softmax over the logits of "1".."5",
+        its expectation, clipped to [1, 5].  One forward pass per batch, on the model's device.
+
+        Batches are padded on the right and run without a padding mask: under the causal mask no real token can see
+        the padding after it, so each row is computed as it would be alone (the fast causal attention kernel, and the
+        same numbers), and the logits are read at each row's own last token."""
+        model, tokenizer = self.model, self.tokenizer
+        texts = [chat_text(tokenizer, q, RATING_PREFIX) for q in questions]
+        ids = _encode(tokenizer, texts)
+        keys = [ResultCache.key("rating", self.model_id, t) for t in texts]
+        digits = torch.tensor(rating_token_ids(tokenizer))
+
+        def compute(batch, first):
+            last = torch.tensor([len(seq) - 1 for seq in batch])
+            input_ids = _pad(tokenizer, batch, "right")["input_ids"]
+            keep = torch.unique(last)  # the sequence positions whose logits are needed, sorted
+            logits = model(input_ids=input_ids.to(model.device), logits_to_keep=keep.to(model.device)).logits
+            logits = logits[torch.arange(len(batch)), torch.searchsorted(keep, last)].float()
+            probs = torch.softmax(logits[:, digits.to(logits.device)], dim=-1)
+            expected = probs @ torch.arange(1.0, 6.0, device=probs.device)
+            return expected.clamp(1.0, 5.0).tolist()
+
+        return np.array(_run_batched(keys, ids, batch_size or self.batch_size, self.cache, desc, compute), dtype=float)
 
 
 # ---------------------------------------------------------------------------------------------- batching
@@ -184,13 +246,19 @@ def _pad(tokenizer, ids, side: str):
     return tokenizer.pad({"input_ids": ids}, padding_side=side, return_tensors="pt")
 
 
-def _run_batched(kind, keys, ids, batch_size, cache, desc, compute):
+def _run_batched(keys, ids, batch_size, cache, desc, compute):
     """Run `compute(batch_ids, batch_index)` over length-sorted batches, skipping batches whose answers are cached and
-    committing each new batch to the cache at once.  Returns the answers in input order."""
+    committing each new batch to the cache at once.  Returns the answers in input order.
+
+    In a data-parallel run (parallel.py) process k takes batches k, k + N, k + 2N, ... of the batches a single
+    process would form (so that every answer is the one a single run computes), and the answers are gathered."""
     found = cache.get_many(keys) if cache is not None else {}
     results = [found.get(k) for k in keys]
-    todo = [b for b in batches([len(x) for x in ids], batch_size) if any(results[i] is None for i in b)]
-    with tqdm(total=len(keys), initial=len(keys) - sum(len(b) for b in todo), desc=desc, unit=kind) as bar:
+    rank, world = parallel.rank(), parallel.world_size()
+    mine = batches([len(x) for x in ids], batch_size)[rank::world]
+    todo = [b for b in mine if any(results[i] is None for i in b)]
+    with tqdm(total=sum(map(len, mine)), initial=sum(map(len, mine)) - sum(map(len, todo)), desc=desc,
+              unit="prompt", disable=rank != 0) as bar:
         for b in todo:
             answers = compute([ids[i] for i in b], b[0])
             for i, answer in zip(b, answers):
@@ -198,6 +266,10 @@ def _run_batched(kind, keys, ids, batch_size, cache, desc, compute):
             if cache is not None:
                 cache.put_many({keys[i]: results[i] for i in b})
             bar.update(len(b))
+    if world > 1:
+        print(f"{desc}: process {rank} of {world} computed {sum(map(len, todo))} of {len(keys)} prompts", flush=True)
+        for i, answer in parallel.gather([(i, results[i]) for b in mine for i in b]):
+            results[i] = answer
     return results
 
 
@@ -205,30 +277,6 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     ids = model.generation_config.eos_token_id
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
     return sorted(set(ids + [tokenizer.eos_token_id]) - {None})
-
-
-@torch.no_grad()
-def generate(model, tokenizer, questions, *, max_new_tokens: int = 1024, temperature: float = 0.0,
-             batch_size: int = 8, seed: int = 0, cache: ResultCache | None = None, model_id: str = "",
-             keys=None, desc: str = "generating") -> list[str]:
-    """Answer every question (one user turn each): greedy when temperature is 0, sampled otherwise.  Left-padded
-    batches of similar length; the same answers as one question at a time.  With a `cache`, each batch is kept as
-    it is done (under `keys`, by default a hash of the model, the prompt and the settings)."""
-    texts = [chat_text(tokenizer, q) for q in questions]
-    ids = _encode(tokenizer, texts)
-    keys = keys or [ResultCache.key("generate", model_id, t, max_new_tokens, temperature, seed) for t in texts]
-    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else \
-        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-
-    def compute(batch, first):
-        if temperature > 0:  # a seed per batch, and batches depend on the inputs only: reruns sample the same
-            torch.manual_seed(seed * 1_000_003 + first)
-        inputs = _pad(tokenizer, batch, "left").to(model.device)
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(model, tokenizer),
-                             pad_token_id=tokenizer.pad_token_id, **sampling)
-        return tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-
-    return _run_batched("prompt", keys, ids, batch_size, cache, desc, compute)
 
 
 def rating_token_ids(tokenizer, prefix: str = RATING_PREFIX) -> list[int]:
@@ -242,30 +290,3 @@ def rating_token_ids(tokenizer, prefix: str = RATING_PREFIX) -> list[int]:
             fail(f"this tokenizer does not encode the rating {digit!r} as one token after {prefix!r}")
         ids.append(token)
     return ids
-
-
-@torch.no_grad()
-def predict_ratings(model, tokenizer, questions, *, prefix: str = RATING_PREFIX, batch_size: int = 8,
-                    cache: ResultCache | None = None, model_id: str = "", desc: str = "scoring") -> np.ndarray:
-    """The paper's logits-weighted prediction: after `prefix`, the softmax over the logits of "1".."5", its
-    expectation, clipped to [1, 5].  One forward pass per batch, on the model's device.
-
-    Batches are padded on the right and run without a padding mask: under the causal mask no real token can see the
-    padding after it, so each row is computed as it would be alone (the fast causal attention kernel, and the same
-    numbers), and the logits are read at each row's own last token."""
-    texts = [chat_text(tokenizer, q, prefix) for q in questions]
-    ids = _encode(tokenizer, texts)
-    keys = [ResultCache.key("rating", model_id, t) for t in texts]
-    digits = torch.tensor(rating_token_ids(tokenizer, prefix))
-
-    def compute(batch, first):
-        last = torch.tensor([len(seq) - 1 for seq in batch])
-        input_ids = _pad(tokenizer, batch, "right")["input_ids"]
-        keep = torch.unique(last)  # the sequence positions whose logits are needed, sorted
-        logits = model(input_ids=input_ids.to(model.device), logits_to_keep=keep.to(model.device)).logits
-        logits = logits[torch.arange(len(batch)), torch.searchsorted(keep, last)].float()
-        probs = torch.softmax(logits[:, digits.to(logits.device)], dim=-1)
-        expected = probs @ torch.arange(1.0, 6.0, device=probs.device)
-        return expected.clamp(1.0, 5.0).tolist()
-
-    return np.array(_run_batched("prompt", keys, ids, batch_size, cache, desc, compute), dtype=float)

@@ -6,12 +6,47 @@
 4. rating_prompt(analysis=...) - as 3, with a "### Personalized Recommendation Analysis ###" block
 5. reason_prompt(hint=...)     - as 2, with the true rating as a hint
 
+and the answer format that the reward model and the Predictor learn ("Predicted Rating: x.0").
+
 One deliberate change: where a user or item has no earlier review, the official prompts show "nan" averages
 and an empty history; here they show "N/A" (see README, differences).
+
+The settings that shape prompts (the product class, the history length) are recorded with the data on first use
+(utils.recorded), so that no step can build its prompts differently from the others.
 """
-from utils import History, Review
+from dataclasses import dataclass
+
+from histories import History, Review
+from utils import recorded
 
 MISSING = "N/A"
+RATING_PREFIX = "Predicted Rating: "
+
+# The product class of the authors' published datasets, which come without a dataset.json.
+AUTHORS_PRODUCT_CLASSES = {"Music_data": "Digital Music", "Book_data": "Book", "Yelp_data": "Yelp Business"}
+
+
+@dataclass
+class PromptArguments:
+    product_class: str | None = recorded(
+        lambda data: AUTHORS_PRODUCT_CLASSES.get(data.dataset),
+        help="what the items are, as the prompts name them (Data/prepare_data.py records it; the authors' Music_data, "
+             "Book_data and Yelp_data are known)")
+
+
+@dataclass
+class HistoryPromptArguments(PromptArguments):
+    max_his: int | None = recorded(10, help="reviews shown per user / item history (Data/prepare_data.py records it; else 10, as the paper)")
+
+
+def to_messages(question: str, answer: str) -> dict:
+    """One SFT example in the official format."""
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def rating_answer(rating) -> str:
+    """What the reward model and the Predictor learn to answer: "Predicted Rating: 4.0"."""
+    return f"{RATING_PREFIX}{float(rating):.1f}"
 
 # Official text; the @@@...### placeholders are filled with str.replace, as the official code does, so that braces
 # in a review cannot break the template.
@@ -32,9 +67,6 @@ User Preference Elements: Durability, Aesthetic Appeal, Reliability, Value for M
 
 Give your reply following the example output format. Directly give Positive Aspects, Negative Aspects, and User Preference Elements without other content.
 """
-
-FORBIDDEN_WORDS = ["1.0", "2.0", "3.0", "4.0", "5.0", "rating ", "star ", "stars "]
-
 
 def summary_prompt(product_class: str, title: str, rating, review: str) -> str:
     prompt = SUMMARY_TEMPLATE.replace("@@@class###", product_class)

@@ -8,8 +8,10 @@
 #                                         model, with the official sizes; the teacher from OPENAI_API_KEY etc.
 #
 # Extra arguments per kind of step, from the environment (empty unless the demo sets them):
-#   DATA_ARGS (every Python step, e.g. --max_his 5), TRAIN_ARGS (every *_train.sh), GEN_ARGS (generating and
+#   DATA_ARGS (every Python step, e.g. --data_dir X), TRAIN_ARGS (every *_train.sh), GEN_ARGS (generating and
 #   scoring steps), SUMMARY_ARGS (1_Summarizer/1), SAMPLE_ARGS (2_Reasoner/1), DISTILL_ARGS (2_Reasoner/4).
+# Settings that shape prompts (the product class, the history length) are recorded in Data/<dataset>/dataset.json
+# when the data is prepared (the demo: PREPARE_ARGS="--max_his 5"), and every step uses them.
 # Data/ and checkpoints/ are read and written under the current folder, as by every step.  STEP_LOG=file appends a
 # line per finished step (number, name, start and end times), PYTHON=interpreter replaces `python`.
 # Stops at the first failing step and names it.
@@ -23,7 +25,7 @@ if [ -z "${DATASET:-}" ]; then
     export TEACHER="${TEACHER:-local}" TEACHER_MODEL_PATH="${TEACHER_MODEL_PATH:-$MODEL_PATH}"
     export TEACHER_MAX_TOKENS="${TEACHER_MAX_TOKENS:-64}" TEACHER_BATCH_SIZE="${TEACHER_BATCH_SIZE:-16}"
     DEMO_USERS="${DEMO_USERS:-40}"
-    DATA_ARGS="${DATA_ARGS-"--max_his 5"}"
+    PREPARE_ARGS="${PREPARE_ARGS-"--max_his 5"}"
     SUMMARY_ARGS="${SUMMARY_ARGS-"--limit 24"}"
     DISTILL_ARGS="${DISTILL_ARGS-"--max_sample_num 2"}"
     GEN_ARGS="${GEN_ARGS-"--max_new_tokens 64 --batch_size 16"}"
@@ -32,7 +34,7 @@ if [ -z "${DATASET:-}" ]; then
     MD5=8035b6e3f9194844785b3f4cee296577
 fi
 : "${MODEL_PATH:?set MODEL_PATH to the base model folder}"
-DATA="Data/$DATASET"
+DATA="${DATA_DIR:-Data}/$DATASET"
 
 started=$SECONDS
 step_number=0
@@ -71,7 +73,7 @@ if hashlib.md5(open(path, "rb").read()).hexdigest() != md5:
 PY
         fi
         step "prepare a slice of $DEMO_USERS users" python "$R/Data/prepare_data.py" --input "$RAW" --dataset "$DATASET" \
-            --max_users "$DEMO_USERS"
+            --max_users "$DEMO_USERS" ${PREPARE_ARGS:-}
     else
         echo "== $DATA/raw_data already prepared: not preparing it again"
     fi
@@ -82,19 +84,19 @@ fi
 {
 step "Summarizer 1: teacher summaries"        python "$R/1_Summarizer/1_distilling_aspect_preference_summary.py" ${SUMMARY_ARGS:-} ${DATA_ARGS:-}
 step "Summarizer 2: SFT data"                 python "$R/1_Summarizer/2_construct_summarizer_train_data.py" ${DATA_ARGS:-}
-step "Summarizer 3: train"                    bash "$R/1_Summarizer/3_summarizer_train.sh" ${TRAIN_ARGS:-}
+step "Summarizer 3: train"                    bash "$R/1_Summarizer/3_summarizer_train.sh" ${TRAIN_ARGS:-} ${DATA_ARGS:-}
 step "Summarizer 4: summarize all training reviews" python "$R/1_Summarizer/4_generate_summary_for_train.py" ${GEN_ARGS:-} ${DATA_ARGS:-}
 step "Reasoner 1: sample targets"             python "$R/2_Reasoner/1_sample_train_data.py" ${SAMPLE_ARGS:-} ${DATA_ARGS:-}
 step "Reasoner 2: reward-model SFT data"      python "$R/2_Reasoner/2_construct_reward_train_data.py" ${DATA_ARGS:-}
-step "Reasoner 3: train the reward model"     bash "$R/2_Reasoner/3_reward_model_train.sh" ${TRAIN_ARGS:-}
+step "Reasoner 3: train the reward model"     bash "$R/2_Reasoner/3_reward_model_train.sh" ${TRAIN_ARGS:-} ${DATA_ARGS:-}
 step "Reasoner 4: distill and filter reasons" python "$R/2_Reasoner/4_distilling_possible_reason.py" ${GEN_ARGS:-} ${DISTILL_ARGS:-} ${DATA_ARGS:-}
 step "Reasoner 5: SFT data"                   python "$R/2_Reasoner/5_construct_reasoner_train_data.py" ${DATA_ARGS:-}
-step "Reasoner 6: train"                      bash "$R/2_Reasoner/6_reasoner_train.sh" ${TRAIN_ARGS:-}
+step "Reasoner 6: train"                      bash "$R/2_Reasoner/6_reasoner_train.sh" ${TRAIN_ARGS:-} ${DATA_ARGS:-}
 step "Reasoner 7: reasons for the test set"   python "$R/2_Reasoner/7_generate_reason_for_test.py" ${GEN_ARGS:-} ${DATA_ARGS:-}
 step "Predictor 1: SFT data"                  python "$R/3_Predictor/1_construct_predictor_train_data.py" ${GEN_ARGS:-} ${DATA_ARGS:-}
 step "Predictor 1: SFT data, no reason"       python "$R/3_Predictor/1_construct_predictor_train_data.py" --no_reason ${DATA_ARGS:-}
-step "Predictor 2: train"                     bash "$R/3_Predictor/2_predictor_train.sh" ${TRAIN_ARGS:-}
-step "Predictor 2: train, no reason"          env NAME=Direct_Predictor bash "$R/3_Predictor/2_predictor_train.sh" ${TRAIN_ARGS:-}
+step "Predictor 2: train"                     bash "$R/3_Predictor/2_predictor_train.sh" ${TRAIN_ARGS:-} ${DATA_ARGS:-}
+step "Predictor 2: train, no reason"          env NAME=Direct_Predictor bash "$R/3_Predictor/2_predictor_train.sh" ${TRAIN_ARGS:-} ${DATA_ARGS:-}
 step "Predictor 3: rate the test set"         python "$R/3_Predictor/3_generate_predict_for_test.py" ${GEN_ARGS:-} ${DATA_ARGS:-}
 step "Predictor 3: rate the test set, no reason" python "$R/3_Predictor/3_generate_predict_for_test.py" --no_reason ${GEN_ARGS:-} ${DATA_ARGS:-}
 step "Predictor 4: evaluate"                  python "$R/3_Predictor/4_evaluate.py" ${DATA_ARGS:-}

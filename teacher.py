@@ -23,7 +23,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from utils import ResultCache, fail
+import parallel
+from cache import ResultCache
+from utils import fail
 
 HELP = ("set OPENAI_API_KEY (and optionally OPENAI_BASE_URL, TEACHER_MODEL; default gpt-3.5-turbo), "
         "or TEACHER=local with TEACHER_MODEL_PATH=<model folder> for an offline teacher")
@@ -71,9 +73,11 @@ class Teacher:
         found = self.cache.get_many(keys)
         todo = {k: (p, s, label) for k, p, s, label in zip(keys, prompts, samples, labels) if k not in found}
         self.usage["cached"] += len(set(keys)) - len(todo)
-        if todo:
-            answer = self._ask_local if self.kind == "local" else self._ask_remote
-            found.update(answer(todo, temperature, desc))
+        if todo and self.kind == "local":  # a local model: every process of a data-parallel run takes its share
+            found.update(self._ask_local(todo, temperature, desc))
+        elif todo:  # a paid endpoint: the main process alone asks, and shares the answers
+            found.update(parallel.broadcast(self._ask_remote(todo, temperature, desc) if parallel.is_main_process()
+                                            else None))
         return [found[k] for k in keys]
 
     # ------------------------------------------------------------------------------------------ OpenAI protocol
@@ -136,14 +140,13 @@ class Teacher:
         import llm
 
         if self._local is None:
-            self._local = llm.load_model(self.path)
-        model, tokenizer = self._local
+            self._local = llm.load_model(self.path, cache=self.cache, max_new_tokens=self.max_tokens,
+                                         batch_size=int(os.environ.get("TEACHER_BATCH_SIZE", 8)))
         answers = {}
         for sample in sorted({s for _, s, _ in todo.values()}):
             group = {k: p for k, (p, s, _) in todo.items() if s == sample}
-            texts = llm.generate(model, tokenizer, list(group.values()), max_new_tokens=self.max_tokens,
-                                 temperature=temperature, seed=sample, cache=self.cache, keys=list(group), desc=desc,
-                                 batch_size=int(os.environ.get("TEACHER_BATCH_SIZE", 8)))
+            texts = self._local.generate(list(group.values()), temperature=temperature, seed=sample, keys=list(group),
+                                         desc=desc)
             answers.update(zip(group, texts))
             self.usage["requests"] += len(group)
         return answers

@@ -1,9 +1,8 @@
-"""Plumbing shared by every numbered script: arguments, checked reads, atomic writes, and the history index.
+"""What every numbered script needs first: its arguments, the dataset's recorded settings, and checked reads and
+atomic writes of the files that the steps pass to each other (with the provenance of what they made).
 
-Every stage builds the same context for a target review: the user's and the item's last 10 reviews strictly
-before the target's time (with their summaries), and the averages over *all* earlier ratings.  `HistoryIndex`
-builds it from per-user / per-item arrays sorted by time, looked up by binary search, instead of scanning the
-whole frame for every row as the official scripts do.
+The steps talk through files under Data/<dataset>/ (DATA_DIR, DATASET) and adapters under
+checkpoints/<dataset>/<Expert>/ (CHECKPOINT_DIR); a missing or damaged input names the step that writes it.
 """
 from __future__ import annotations
 
@@ -11,21 +10,21 @@ import hashlib
 import json
 import os
 import pickle
-import sqlite3
+import subprocess
+import sys
 import tempfile
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from importlib import metadata
 from pathlib import Path
-from typing import NamedTuple
 
-import numpy as np
 import pandas as pd
 
-COLUMNS = ["user_id", "item_id", "title", "ratings", "reviews", "unixReviewTime"]
-SUMMARY = "aspect_preference_summary"
-RATING_PREFIX = "Predicted Rating: "
+import parallel
 
-# Which step writes each file, so that a missing input can say what to run first.
+REPO = Path(__file__).resolve().parent
+COLUMNS = ["user_id", "item_id", "title", "ratings", "reviews", "unixReviewTime"]
+
+# Which step writes each file, so that a missing input can say what to run first (matched on the whole file name).
 PRODUCERS = {
     "raw_data/train.pkl": "Data/prepare_data.py",
     "raw_data/valid.pkl": "Data/prepare_data.py",
@@ -60,45 +59,79 @@ def fail(message: str):
 # ----------------------------------------------------------------------------------------------- arguments
 @dataclass
 class DataArguments:
-    dataset: str | None = field(default=None, metadata={"help": "dataset name under --data_dir (default: $DATASET)"})
-    data_dir: str = field(default="Data", metadata={"help": "folder that holds one folder per dataset"})
-    product_class: str | None = field(
-        default=None, metadata={"help": "product class used in the prompts (default: from dataset.json)"})
-    limit: int | None = field(default=None, metadata={"help": "only the first N rows, for quick runs"})
-    checkpoint_dir: str = field(default="checkpoints", metadata={"help": "where the *_train.sh scripts save"})
-    max_his: int = field(default=10, metadata={"help": "reviews shown per user / item history"})
-
-    def __post_init__(self):
-        self.dataset = self.dataset or os.environ.get("DATASET")
-        if not self.dataset:
-            fail("no dataset given: pass --dataset NAME or set DATASET")
+    dataset: str | None = field(default_factory=lambda: os.environ.get("DATASET"), metadata={
+        "help": "the dataset: its folder under --data_dir (default: $DATASET)"})
+    data_dir: str = field(default_factory=lambda: os.environ.get("DATA_DIR", "Data"), metadata={
+        "help": "the folder that holds one folder per dataset (default: $DATA_DIR, else Data)"})
+    limit: int | None = field(default=None, metadata={"help": "only the first N rows of the input, for quick runs"})
 
     @property
     def path(self) -> Path:
+        if not self.dataset:
+            fail("no dataset given: pass --dataset NAME or set DATASET")
         return Path(self.data_dir) / self.dataset
 
     def file(self, name: str) -> Path:
         return self.path / name
 
-    def checkpoint(self, expert: str) -> Path:
-        """The adapter that `<expert>`'s train script writes."""
-        return Path(self.checkpoint_dir) / self.dataset / expert / "final_checkpoint"
 
-    def resolve_product_class(self) -> str:
-        if self.product_class:
-            return self.product_class
-        meta = self.file("dataset.json")
-        if meta.exists():
-            return json.loads(meta.read_text())["product_class"]
-        fail(f"{meta} not found: pass --product_class, or prepare the dataset with Data/prepare_data.py")
+class Recorded:
+    """The default of a setting that shapes prompts (see `recorded`): what the first step records where the command
+    line gives nothing; a value, or a function of the DataArguments."""
+
+    def __init__(self, first_use=None):
+        self.first_use = first_use
+
+    def __repr__(self):
+        return "the value recorded in dataset.json"
 
 
-def parse_args(*dataclass_types, args=None):
-    """Parse command-line flags into the given dataclasses (TRL-style), always with DataArguments first."""
+def recorded(first_use=None, help: str = ""):
+    """A setting that shapes prompts.  Its value is recorded in Data/<dataset>/dataset.json by the first step that uses
+    it (`first_use` where the command line gives none), and every later step uses the recorded value: one that asks
+    for another is refused, so that training and test prompts can never silently differ."""
+    return field(default=Recorded(first_use), metadata={"help": help})
+
+
+def parse_args(*dataclass_types, args=None, data_parallel: bool = False):
+    """Parse the command line into DataArguments and the given dataclasses (TRL-style), resolve the recorded settings
+    (see `recorded`), and, for a step that runs a model (`data_parallel`), relaunch it on NUM_GPUS processes."""
     from transformers import HfArgumentParser
 
+    if data_parallel:
+        parallel.relaunch()
     parser = HfArgumentParser((DataArguments, *dataclass_types))
-    return parser.parse_args_into_dataclasses(args=args)
+    *parsed, unknown = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
+    if unknown:
+        fail(f"{Path(sys.argv[0]).name} does not take {' '.join(unknown)}; --help lists what it takes")
+    for obj in parsed[1:]:
+        _resolve_recorded(parsed[0], obj)
+    return parsed
+
+
+def _resolve_recorded(data: DataArguments, obj):
+    path = data.file("dataset.json")
+    info = read_json(path) if path.exists() else {}
+    new = {}
+    for f in fields(obj):
+        if not isinstance(f.default, Recorded):
+            continue
+        given, saved = getattr(obj, f.name), info.get(f.name)
+        given = None if isinstance(given, Recorded) else given
+        if saved is not None and given is not None and given != saved:
+            fail(f"--{f.name} {given!r} differs from the {saved!r} recorded in {path}: every step of a dataset must "
+                 f"build its prompts alike. Leave --{f.name} out to use the recorded value, or start over with this "
+                 f"value in a fresh dataset folder (prepare it again under another --dataset name).")
+        if saved is None:
+            first_use = f.default.first_use
+            saved = given if given is not None else first_use(data) if callable(first_use) else first_use
+            if saved is None:
+                fail(f"{path} records no {f.name}: pass --{f.name} (it is recorded there for the later steps)")
+            new[f.name] = saved
+        setattr(obj, f.name, saved)
+    if new and parallel.is_main_process():
+        write_json({**info, **new}, path)
+        print(f"recorded {', '.join(f'{k}={v!r}' for k, v in new.items())} in {path}")
 
 
 def require_model(path: str | Path) -> str:
@@ -112,11 +145,10 @@ def require_model(path: str | Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- reading files
-def _producer(path: Path) -> str:
-    for name, script in PRODUCERS.items():
-        if str(path).replace(os.sep, "/").endswith(name):
-            return f"`{script}`"
-    return "the step that writes it"
+def producer(path: str | Path) -> str:
+    name = Path(path).name
+    key = f"raw_data/{name}" if Path(path).parent.name == "raw_data" else name
+    return f"`{PRODUCERS[key]}`" if key in PRODUCERS else "the step that writes it"
 
 
 def read_pickle(path: str | Path, columns=(), what="table"):
@@ -125,23 +157,23 @@ def read_pickle(path: str | Path, columns=(), what="table"):
     DataFrame, `what="messages"` a list of {"messages": [...]} (SFT data), `what="any"` whatever it holds."""
     path = Path(path)
     if not path.exists():
-        fail(f"{path} not found. Run {_producer(path)} first.")
+        fail(f"{path} not found. Run {producer(path)} first.")
     try:
         obj = pd.read_pickle(path)
     except Exception as e:  # truncated, corrupted, or not a pickle at all
         fail(f"{path} cannot be read ({type(e).__name__}: {e}); it is truncated or corrupted: "
-             f"delete it and rerun {_producer(path)}.")
+             f"delete it and rerun {producer(path)}.")
     if what == "any":
         return obj
     if what == "messages":
         if not (isinstance(obj, list) and all(isinstance(x, dict) and "messages" in x for x in obj)):
-            fail(f"{path} is not a list of {{'messages': [...]}} examples; rerun {_producer(path)}.")
+            fail(f"{path} is not a list of {{'messages': [...]}} examples; rerun {producer(path)}.")
         return obj
     if not isinstance(obj, pd.DataFrame):
-        fail(f"{path} holds a {type(obj).__name__}, not a DataFrame; rerun {_producer(path)}.")
+        fail(f"{path} holds a {type(obj).__name__}, not a DataFrame; rerun {producer(path)}.")
     missing = [c for c in columns if c not in obj.columns]
     if missing:
-        fail(f"{path} lacks column(s) {missing} (it has {list(obj.columns)}); rerun {_producer(path)}.")
+        fail(f"{path} lacks column(s) {missing} (it has {list(obj.columns)}); rerun {producer(path)}.")
     return obj
 
 
@@ -153,10 +185,20 @@ def read_table(args: DataArguments, name: str, columns=COLUMNS, limit=True) -> p
     return df.reset_index(drop=True)
 
 
+def read_json(path: str | Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        fail(f"{path} cannot be read ({type(e).__name__}: {e}); repair or delete it.")
+
+
 # ---------------------------------------------------------------------------------------------- writing files
 def atomic_write(path: str | Path, write, mode="wb"):
     """Write through a temporary file in the same folder and rename it into place: a reader (or a rerun after a
-    crash) sees the old file or the new one, never half of one."""
+    crash) sees the old file or the new one, never half of one.  Only the main process of a data-parallel run
+    writes."""
+    if not parallel.is_main_process():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -176,166 +218,41 @@ def atomic_write(path: str | Path, write, mode="wb"):
 
 def write_pickle(obj, path: str | Path):
     atomic_write(path, lambda f: pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL))
-    print(f"wrote {path} ({len(obj):,} rows)")
-
-
-def shard_path(path: Path, shard_id: int, num_shards: int) -> Path:
-    return path.with_name(f"{path.stem}.shard-{shard_id}-of-{num_shards}{path.suffix}")
+    if parallel.is_main_process():
+        print(f"wrote {path} ({len(obj):,} rows)")
 
 
 def write_json(obj, path: str | Path):
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=str) + "\n"), mode="w")
 
 
-def to_messages(question: str, answer: str) -> dict:
-    """One SFT example in the official format."""
-    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+# ---------------------------------------------------------------------------------------------- provenance
+PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "unsloth", "bitsandbytes", "pandas",
+            "numpy", "scikit-surprise", "openai")
 
 
-def rating_answer(rating) -> str:
-    return f"{RATING_PREFIX}{float(rating):.1f}"
+def sha256(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-# ---------------------------------------------------------------------------------------------- histories
-class Review(NamedTuple):
-    title: str
-    rating: float
-    summary: str
-    time: int
-
-
-class History(NamedTuple):
-    user: list[Review]  # the user's last `max_his` reviews before the target, oldest first
-    item: list[Review]  # the item's, likewise
-    user_avg: float | None  # mean of *all* the user's earlier ratings; None when there are none
-    item_avg: float | None
-    user_count: int  # how many earlier reviews there are in all
-    item_count: int
-
-
-class _Group:
-    """One key column (user or item): rows sorted by (key, time), with where each key's run starts and ends."""
-
-    def __init__(self, df: pd.DataFrame, key: str):
-        order = np.lexsort((df["unixReviewTime"].to_numpy(), df[key].to_numpy()))  # stable: ties keep file order
-        keys = df[key].to_numpy()[order]
-        self.rows = order
-        self.times = df["unixReviewTime"].to_numpy()[order]
-        self.cumsum = np.concatenate([[0.0], np.cumsum(df["ratings"].to_numpy(dtype=float)[order])])
-        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.array([], int)
-        ends = np.r_[starts[1:], len(keys)]
-        self.span = dict(zip(keys[starts].tolist(), zip(starts.tolist(), ends.tolist())))
-
-    def before(self, key, time, max_his):
-        """Row numbers of the last `max_his` rows of `key` strictly before `time`, the count and rating sum of all."""
-        start, end = self.span.get(key, (0, 0))
-        cut = start + int(np.searchsorted(self.times[start:end], time, side="left"))
-        return self.rows[max(start, cut - max_his): cut], cut - start, self.cumsum[cut] - self.cumsum[start]
-
-
-class HistoryIndex:
-    """Look up, for any (user, item, time), the histories every prompt is built from.
-
-    `reviews` is the review log the histories come from (the training split with its summaries): only rows
-    strictly earlier than the target's time are ever returned, so neither the target itself nor anything after
-    it can leak into its prompt."""
-
-    def __init__(self, reviews: pd.DataFrame, max_his: int = 10, summary_column: str = SUMMARY):
-        if summary_column not in reviews.columns:
-            fail(f"the history table has no column {summary_column!r}; "
-                 f"run `1_Summarizer/4_generate_summary_for_train.py` first.")
-        self.max_his = max_his
-        self.titles = reviews["title"].astype(str).to_numpy()
-        self.ratings = reviews["ratings"].to_numpy(dtype=float)
-        self.summaries = reviews[summary_column].map(_text).to_numpy()
-        self.times = reviews["unixReviewTime"].to_numpy()
-        self.users = _Group(reviews, "user_id")
-        self.items = _Group(reviews, "item_id")
-
-    def _reviews(self, rows) -> list[Review]:
-        return [Review(self.titles[r], self.ratings[r], self.summaries[r], int(self.times[r])) for r in rows]
-
-    def __call__(self, user_id, item_id, time) -> History:
-        u_rows, u_n, u_sum = self.users.before(user_id, time, self.max_his)
-        i_rows, i_n, i_sum = self.items.before(item_id, time, self.max_his)
-        history = History(self._reviews(u_rows), self._reviews(i_rows),
-                          u_sum / u_n if u_n else None, i_sum / i_n if i_n else None, u_n, i_n)
-        if any(r.time >= time for r in history.user + history.item):  # cannot happen; refuse rather than leak
-            raise ValueError(f"history entry at or after its target's time {time} (user {user_id}, item {item_id})")
-        return history
-
-    def for_rows(self, df: pd.DataFrame) -> list[History]:
-        return [self(u, i, t) for u, i, t in zip(df["user_id"], df["item_id"], df["unixReviewTime"])]
-
-
-def load_histories(args: DataArguments) -> HistoryIndex:
-    """The index over the Summarizer's summaries of the training reviews, which every Stage 2 and 3 prompt shows.
-    Refuses a table that holds any review of the valid or test split: those must never reach a prompt."""
-    name = "train_summarizer_generation_results.pkl"
-    reviews = read_table(args, name, COLUMNS + [SUMMARY], limit=False)
-    key = ["user_id", "item_id", "unixReviewTime"]
-    for split in ("valid", "test"):
-        if args.file(f"raw_data/{split}.pkl").exists():
-            held_out = read_pickle(args.file(f"raw_data/{split}.pkl"), key)
-            leaked = reviews[key].merge(held_out[key].drop_duplicates(), on=key)
-            if len(leaked):
-                fail(f"{args.file(name)} holds {len(leaked)} review(s) of the {split} split (e.g. user "
-                     f"{leaked.user_id.iloc[0]}, item {leaked.item_id.iloc[0]}): histories may show training reviews "
-                     f"only. Rerun {_producer(Path(name))} on raw_data/train.pkl.")
-    return HistoryIndex(reviews, max_his=args.max_his)
-
-
-def _text(value) -> str:
-    """A summary as text: a missing one (None/NaN) becomes "", never the string "nan"."""
-    return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
-
-
-# ---------------------------------------------------------------------------------------------- result cache
-class ResultCache:
-    """Answers already paid for (teacher calls) or computed (generations, scores), one SQLite file, key -> JSON.
-
-    Each answer is committed as soon as it arrives, so a rerun after a crash, a kill or a Ctrl-C asks again for
-    nothing it already has.  Keys are hashes of everything that determines the answer (see `key`)."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+def provenance(settings: dict, inputs) -> dict:
+    """What an artifact was made from, saved beside it (as nanoGPT saves its config with a checkpoint): the resolved
+    settings, the code's git commit, the versions of the main packages, and the sha256 of every input file."""
+    def git(*command):
         try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=60)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, value TEXT, meta TEXT)")
-        except sqlite3.DatabaseError as e:
-            fail(f"the cache {self.path} is corrupted ({e}); move it away to start it afresh "
-                 f"(its answers would then be asked for again).")
+            return subprocess.run(["git", *command], cwd=REPO, capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
 
-    @staticmethod
-    def key(*parts) -> str:
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-    def get_many(self, keys) -> dict:
-        found, keys = {}, list(dict.fromkeys(keys))
-        with self._lock:
-            for start in range(0, len(keys), 500):
-                chunk = keys[start:start + 500]
-                rows = self._db.execute(
-                    f"SELECT key, value FROM results WHERE key IN ({','.join('?' * len(chunk))})", chunk)
-                found.update((k, json.loads(v)) for k, v in rows)
-        return found
-
-    def put_many(self, items: dict, meta: dict | None = None):
-        """Store {key: value} in one transaction: all of a batch is kept, or none of it."""
-        meta = json.dumps(meta or {})
-        with self._lock:
-            with self._db:
-                self._db.execute("BEGIN")
-                self._db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?)",
-                                     [(k, json.dumps(v, ensure_ascii=False), meta) for k, v in items.items()])
-
-    def metas(self):
-        with self._lock:
-            return [json.loads(m) for (m,) in self._db.execute("SELECT meta FROM results")]
-
-    def __len__(self):
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"settings": settings, "git_commit": git("rev-parse", "HEAD"),
+            "git_uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "python": sys.version.split()[0], "packages": versions,
+            "inputs": {str(p): sha256(p) for p in inputs}}

@@ -9,16 +9,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: utils, prompts, teacher
 
-from prompts import summary_prompt
+from prompts import PromptArguments, summary_prompt
 from teacher import Teacher
 from utils import parse_args, read_table, write_pickle
 
-(args,) = parse_args()
+args, prompt = parse_args(PromptArguments, data_parallel=True)
 teacher = Teacher(args.file("teacher_cache.sqlite"))  # checks the settings before any work
-product_class = args.resolve_product_class()
 reviews = read_table(args, "raw_data/train.pkl")
 
-prompts = [summary_prompt(product_class, r.title, r.ratings, r.reviews) for r in reviews.itertuples()]
+prompts = [summary_prompt(prompt.product_class, r.title, r.ratings, r.reviews) for r in reviews.itertuples()]
 labels = [f"{i} of raw_data/train.pkl (user {r.user_id}, item {r.item_id})" for i, r in enumerate(reviews.itertuples())]
 reviews["review_summary"] = teacher.ask(prompts, temperature=0.2, labels=labels, desc="teacher summaries")
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: utils, prompts
 
-from prompts import rating_prompt
-from utils import fail, load_histories, parse_args, read_table, write_pickle
+from histories import load_histories
+from prompts import HistoryPromptArguments, rating_prompt
+from utils import fail, parse_args, read_table, write_pickle
 
 
 @dataclass
@@ -26,14 +27,13 @@ class SampleArguments:
     seed: int = 0
 
 
-args, sample_args = parse_args(SampleArguments)
-product_class = args.resolve_product_class()
+args, prompt, sample_args = parse_args(HistoryPromptArguments, SampleArguments)
 train = read_table(args, "raw_data/train.pkl")
-histories = load_histories(args)
+histories = load_histories(args, prompt.max_his)
 
 contexts = histories.for_rows(train)
 train["his_len"] = [len(h.user) + len(h.item) for h in contexts]
-train["direct_rating_prompt"] = [rating_prompt(product_class, title, h) for title, h in zip(train.title, contexts)]
+train["direct_rating_prompt"] = [rating_prompt(prompt.product_class, title, h) for title, h in zip(train.title, contexts)]
 eligible = train[[h.user_count > 0 and h.item_count > 0 and len(h.user) + len(h.item) >= sample_args.min_his_len
                   for h in contexts]]
 

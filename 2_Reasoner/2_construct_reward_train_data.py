@@ -13,15 +13,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: utils, prompts
 
-from prompts import rating_prompt
-from utils import load_histories, parse_args, rating_answer, read_table, to_messages, write_pickle
+from histories import load_histories
+from prompts import HistoryPromptArguments, rating_answer, rating_prompt, to_messages
+from utils import parse_args, read_table, write_pickle
 
-(args,) = parse_args()
-product_class = args.resolve_product_class()
+args, prompt = parse_args(HistoryPromptArguments)
 targets = read_table(args, "review_8000.pkl")
-histories = load_histories(args)
+histories = load_histories(args, prompt.max_his)
 
-examples = [to_messages(rating_prompt(product_class, t.title, histories(t.user_id, t.item_id, t.unixReviewTime),
+examples = [to_messages(rating_prompt(prompt.product_class, t.title, histories(t.user_id, t.item_id, t.unixReviewTime),
                                       analysis=t.reviews), rating_answer(t.ratings))
             for t in targets.itertuples()]
 write_pickle(examples, args.file("review_train_data.pkl"))

@@ -1,16 +1,4 @@
 #!/usr/bin/env bash
-# Stage 2, step 3: train the reward model on review_train_data.pkl, with the official hyper-parameters:
-# LoRA r=8, alpha=16, dropout 0, lm_head trained too; 3 epochs; batch 16; lr 3e-6, warmup ratio 0.1 (transformers 5 reads --warmup_steps < 1 as a ratio).
-#   env: DATASET, MODEL_PATH (the base model), DATA_DIR (default Data),
-#        OUTPUT_DIR (default checkpoints/$DATASET/reason_reward_model); extra arguments go to qlora_finetune.py
-set -euo pipefail
-: "${DATASET:?set DATASET}" "${MODEL_PATH:?set MODEL_PATH to the base model folder}"
-source "$(dirname "$0")/../scripts/launch.sh"
-launch qlora_finetune.py \
-    --model_path "$MODEL_PATH" \
-    --train_data_path "${DATA_DIR:-Data}/$DATASET/review_train_data.pkl" \
-    --output_dir "${OUTPUT_DIR:-checkpoints/$DATASET/reason_reward_model}" \
-    --lora_rank 8 --lora_alpha 16 --lora_dropout 0 --tune_last_layer true \
-    --num_train_epochs 3 --per_device_train_batch_size 16 --gradient_accumulation_steps 1 \
-    --learning_rate 3e-6 --warmup_steps 0.1 \
-    "$@"
+# Stage 2, step 3: train the reward model on review_train_data.pkl with the hyper-parameters of reward_model.yaml.
+#   env: DATASET, MODEL_PATH (the base model), DATA_DIR, CHECKPOINT_DIR, OUTPUT_DIR, NUM_GPUS; flags override the yaml
+exec "${PYTHON:-python}" "$(dirname "$0")/../qlora_finetune.py" --config "$(dirname "$0")/reward_model.yaml" "$@"

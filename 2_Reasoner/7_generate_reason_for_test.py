@@ -8,20 +8,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: utils, prompts, llm
 
-from llm import ModelArguments, generate, load_expert
-from prompts import reason_prompt
-from utils import ResultCache, load_histories, parse_args, read_table
+from histories import load_histories
+from llm import ModelArguments, load_expert
+from prompts import HistoryPromptArguments, reason_prompt
+from utils import parse_args, read_table, write_pickle
 
-args, model_args = parse_args(ModelArguments)
-product_class = args.resolve_product_class()
+args, prompt, model_args = parse_args(HistoryPromptArguments, ModelArguments, data_parallel=True)
 test = read_table(args, "raw_data/test.pkl")
-histories = load_histories(args)
-prompts = [reason_prompt(product_class, t.title, histories(t.user_id, t.item_id, t.unixReviewTime))
-           for t in test.itertuples()]
-model, tokenizer, model_id = load_expert(args, model_args, "Reasoner")
+contexts = load_histories(args, prompt.max_his).for_rows(test)
+reasoner = load_expert(args, model_args, "Reasoner")
 
-test, prompts = model_args.shard(tokenizer, test, prompts)
-test["reasoner_reply"] = generate(model, tokenizer, prompts, max_new_tokens=model_args.max_new_tokens,
-                                  batch_size=model_args.batch_size, model_id=model_id,
-                                  cache=ResultCache(args.file("generation_cache.sqlite")), desc="Reasoner")
-model_args.write(test, args.file("reason_for_test_by_reasoner.pkl"))
+test["reasoner_reply"] = reasoner.generate([reason_prompt(prompt.product_class, title, h)
+                                            for title, h in zip(test.title, contexts)], desc="Reasoner")
+write_pickle(test, args.file("reason_for_test_by_reasoner.pkl"))

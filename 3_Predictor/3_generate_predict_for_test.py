@@ -12,9 +12,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: utils, prompts, llm
 
-from llm import ModelArguments, load_expert, predict_ratings
-from prompts import rating_prompt
-from utils import COLUMNS, RATING_PREFIX, ResultCache, load_histories, parse_args, read_table
+from histories import load_histories
+from llm import ModelArguments, load_expert
+from prompts import HistoryPromptArguments, rating_prompt
+from utils import COLUMNS, parse_args, read_table, write_pickle
 
 
 @dataclass
@@ -22,20 +23,18 @@ class PredictorArguments:
     no_reason: bool = False
 
 
-args, model_args, predictor = parse_args(ModelArguments, PredictorArguments)
-product_class = args.resolve_product_class()
+args, prompt, model_args, predictor = parse_args(HistoryPromptArguments, ModelArguments, PredictorArguments,
+                                                 data_parallel=True)
 if predictor.no_reason:
     test = read_table(args, "raw_data/test.pkl")
     analyses = [None] * len(test)
 else:
     test = read_table(args, "reason_for_test_by_reasoner.pkl", COLUMNS + ["reasoner_reply"])
     analyses = test["reasoner_reply"].tolist()
-contexts = load_histories(args).for_rows(test)
-prompts = [rating_prompt(product_class, title, h, analysis) for title, h, analysis in zip(test.title, contexts, analyses)]
-model, tokenizer, model_id = load_expert(args, model_args, "Direct_Predictor" if predictor.no_reason else "Predictor")
+contexts = load_histories(args, prompt.max_his).for_rows(test)
+predictor_model = load_expert(args, model_args, "Direct_Predictor" if predictor.no_reason else "Predictor")
 
-test, prompts = model_args.shard(tokenizer, test, prompts, prefix=RATING_PREFIX)
-test["pred"] = predict_ratings(model, tokenizer, prompts, batch_size=model_args.batch_size, model_id=model_id,
-                               cache=ResultCache(args.file("generation_cache.sqlite")), desc="Predictor")
-model_args.write(test, args.file("rating_for_test_direct.pkl" if predictor.no_reason
-                                 else "rating_for_test_by_predictor.pkl"))
+test["pred"] = predictor_model.score([rating_prompt(prompt.product_class, title, h, analysis)
+                                      for title, h, analysis in zip(test.title, contexts, analyses)], desc="Predictor")
+write_pickle(test, args.file("rating_for_test_direct.pkl" if predictor.no_reason
+                             else "rating_for_test_by_predictor.pkl"))

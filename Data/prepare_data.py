@@ -3,7 +3,8 @@
     python Data/prepare_data.py --input reviews_Musical_Instruments_5.json.gz --dataset Musical_Instruments
 
 writes Data/<NAME>/raw_data/{train,valid,test}.pkl (DataFrames with the columns utils.COLUMNS) and
-Data/<NAME>/dataset.json (where the data came from, the split, the counts).
+Data/<NAME>/dataset.json (where the data came from, the split, the counts, and the settings that shape every later
+prompt: the product class and the history length).
 
 The split is chronological and global: all reviews are sorted by time and cut at two timestamps, so every test
 review is later than every validation review, which is later than every training review.  No future information
@@ -78,7 +79,11 @@ parser.add_argument("--meta", type=Path, help="Amazon meta_*.json(.gz), or the Y
 parser.add_argument("--dataset", required=True, help="the dataset's name: its folder under --data_dir")
 parser.add_argument("--format", default="auto", choices=["auto", *FORMATS])
 parser.add_argument("--product_class", help="what the items are, for the prompts (default: from the file name)")
-parser.add_argument("--data_dir", type=Path, default=Path("Data"))
+parser.add_argument("--data_dir", type=Path, default=Path(os.environ.get("DATA_DIR", "Data")),
+                    help="where the dataset's folder goes (default: $DATA_DIR, else Data)")
+parser.add_argument("--max_his", type=int, default=10,
+                    help="reviews shown per user / item history in every prompt (default 10, as the paper); recorded "
+                         "in dataset.json, where every later step reads it")
 parser.add_argument("--max_users", type=int, help="keep a random sample of this many users (all their reviews)")
 parser.add_argument("--seed", type=int, default=0, help="for --max_users")
 parser.add_argument("--split", type=split_fractions, default="0.8,0.1,0.1", help="train,valid,test fractions")
@@ -288,6 +293,7 @@ def main():
     info = {
         "name": args.dataset,
         "product_class": product_class,
+        "max_his": args.max_his,
         "source": str(args.input),
         "source_md5": md5(args.input),
         "meta": str(args.meta) if args.meta else None,

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
 import llm  # noqa: E402
 from prompts import summary_prompt  # noqa: E402
@@ -48,18 +48,17 @@ def main():
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--model", default=str(MODEL))
     args = parser.parse_args()
-    model, tokenizer = llm.load_model(require_model(args.model))
+    model = llm.load_model(require_model(args.model))
+    tokenizer = model.tokenizer
     questions = [summary_prompt("Musical Instruments", *r) for r in review_texts(args.prompts)]
     lengths = [len(ids) for ids in llm._encode(tokenizer, [llm.chat_text(tokenizer, q) for q in questions])]
-    llm.generate(model, tokenizer, questions[:2], max_new_tokens=4, batch_size=2, desc="warm-up")
+    model.generate(questions[:2], max_new_tokens=4, batch_size=2, desc="warm-up")
 
     start = time.perf_counter()
-    single = [llm.generate(model, tokenizer, [q], max_new_tokens=args.max_new_tokens, batch_size=1, desc="one")[0]
-              for q in questions]
+    single = [model.generate([q], max_new_tokens=args.max_new_tokens, batch_size=1, desc="one")[0] for q in questions]
     single_s = time.perf_counter() - start
     start = time.perf_counter()
-    batched = llm.generate(model, tokenizer, questions, max_new_tokens=args.max_new_tokens,
-                           batch_size=args.batch_size, desc="batched")
+    batched = model.generate(questions, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, desc="batched")
     batched_s = time.perf_counter() - start
     new_tokens = sum(len(tokenizer(t, add_special_tokens=False).input_ids) for t in batched)
 

@@ -24,7 +24,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from official_reference import official_predictor_prompts  # noqa: E402
 from prompts import rating_prompt, reason_prompt  # noqa: E402
-from utils import HistoryIndex  # noqa: E402
+from histories import HistoryIndex  # noqa: E402
 
 PRODUCT = "Musical Instruments"
 ANALYSIS = "The user values a warm tone and sturdy build, which other buyers praise in this item."

@@ -21,7 +21,8 @@ import llm  # noqa: E402
 from generation import padding_fraction  # noqa: E402
 from history_prompts import ANALYSIS, PRODUCT, review_log  # noqa: E402
 from prompts import rating_prompt  # noqa: E402
-from utils import HistoryIndex, require_model  # noqa: E402
+from histories import HistoryIndex  # noqa: E402
+from utils import require_model  # noqa: E402
 
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
 
@@ -33,22 +34,23 @@ def main():
     parser.add_argument("--max_his", type=int, default=10)
     parser.add_argument("--model", default=str(MODEL))
     args = parser.parse_args()
-    model, tokenizer = llm.load_model(require_model(args.model))
+    model = llm.load_model(require_model(args.model))
+    tokenizer = model.tokenizer
     log = review_log(3000)
     index = HistoryIndex(log, max_his=args.max_his)
     targets = log.sample(args.prompts, random_state=0)
     questions = [rating_prompt(PRODUCT, t.title, index(t.user_id, t.item_id, t.unixReviewTime), ANALYSIS)
                  for t in targets.itertuples()]
     lengths = [len(ids) for ids in llm._encode(tokenizer, [llm.chat_text(tokenizer, q) for q in questions])]
-    llm.predict_ratings(model, tokenizer, questions[:2], batch_size=2, desc="warm-up")
+    model.score(questions[:2], batch_size=2, desc="warm-up")
 
     start = time.perf_counter()
-    single = np.array([llm.predict_ratings(model, tokenizer, [q], batch_size=1, desc="one")[0] for q in questions])
+    single = np.array([model.score([q], batch_size=1, desc="one")[0] for q in questions])
     single_s = time.perf_counter() - start
     rows = []
     for size in args.batch_sizes:
         start = time.perf_counter()
-        batched = llm.predict_ratings(model, tokenizer, questions, batch_size=size, desc="batched")
+        batched = model.score(questions, batch_size=size, desc="batched")
         rows.append((size, time.perf_counter() - start, np.abs(batched - single).max(), padding_fraction(lengths, size)))
 
     print(f"\n{len(questions)} rating prompts of {min(lengths)}-{max(lengths)} tokens, {args.model}")

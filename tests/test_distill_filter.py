@@ -1,13 +1,7 @@
 """The reason filter of 2_Reasoner/4, rule by rule: tau, hints, forbidden words, dropped targets."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-spec = importlib.util.spec_from_file_location(
-    "distill", Path(__file__).resolve().parents[1] / "2_Reasoner" / "4_distilling_possible_reason.py")
-distill = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(distill)
+import reason_filter as distill
 
 
 class Scripted:
@@ -42,8 +36,10 @@ def test_tau_is_a_strict_bound(pred_with, kept):
     assert (0 in result) == kept
 
 
-def test_the_default_tau_is_the_papers():
-    assert distill.DistillArguments().tau == 0.1 and distill.DistillArguments().max_sample_num == 10
+def test_the_defaults_are_the_papers():
+    assert distill.TAU == distill.FilterArguments().tau == 0.1
+    assert distill.MAX_SAMPLE_NUM == distill.FilterArguments().max_sample_num == 10
+    assert distill.FORBIDDEN_WORDS == ["1.0", "2.0", "3.0", "4.0", "5.0", "rating ", "star ", "stars "]
 
 
 def test_hinted_retries_until_one_passes_and_forbidden_words_are_rejected_unseen():

@@ -50,3 +50,40 @@ def test_missing_predictions_name_the_step_to_run(tmp_path):
     assert result.returncode == 1
     assert "rating_for_test_by_predictor.pkl not found" in result.stderr
     assert "3_Predictor/3_generate_predict_for_test.py" in result.stderr
+
+
+def hand_written_bias(train, rows, lambda_i=25.0, lambda_u=10.0):
+    """The user + item bias model as this project wrote it by hand before (Koren's regularized baseline estimates)."""
+    mu = train["ratings"].mean()
+    b_i = (train["ratings"] - mu).groupby(train["item_id"]).agg(lambda r: r.sum() / (lambda_i + len(r)))
+    residual = train["ratings"] - mu - train["item_id"].map(b_i)
+    b_u = residual.groupby(train["user_id"]).agg(lambda r: r.sum() / (lambda_u + len(r)))
+    return (mu + rows["user_id"].map(b_u).fillna(0) + rows["item_id"].map(b_i).fillna(0)).clip(1, 5).to_numpy()
+
+
+def test_baseline_only_is_the_hand_written_bias_model_and_mf_baselines_are_seeded():
+    from baselines import baselines
+
+    rng = np.random.default_rng(0)
+    train = frame([(f"u{rng.integers(30)}", f"i{rng.integers(20)}", float(rng.integers(1, 6)), t) for t in range(400)])
+    rows = frame([(f"u{rng.integers(35)}", f"i{rng.integers(25)}", 3.0, 1000 + t) for t in range(100)])  # some unseen
+    first, second = baselines(train, rows), baselines(train, rows)
+    np.testing.assert_allclose(first["User+item bias"], hand_written_bias(train, rows), rtol=0, atol=1e-9)
+    for name in ("SVD", "SVD++"):
+        assert ((first[name] >= 1) & (first[name] <= 5)).all() and (first[name] == second[name]).all()
+        assert np.abs(first[name] - first["Global mean"]).max() > 0.01  # fitted, not the mean
+
+
+def test_llm_rows_are_matched_on_user_item_and_time(tmp_path):
+    """Two test rows share a timestamp; the Direct Predictor's file lists the rows in another order: each prediction
+    must still be compared with its own row's rating."""
+    data = tmp_path / "Data" / "toy"
+    (data / "raw_data").mkdir(parents=True)
+    frame([("a", "x", 5.0, 1), ("b", "y", 3.0, 2)]).to_pickle(data / "raw_data" / "train.pkl")
+    test = frame([("a", "y", 5.0, 10), ("b", "x", 1.0, 10), ("a", "z", 3.0, 11)])
+    test.assign(pred=[5.0, 1.0, 3.0]).to_pickle(data / "rating_for_test_by_predictor.pkl")
+    test.assign(pred=[4.0, 2.0, 3.0]).iloc[[1, 0, 2]].to_pickle(data / "rating_for_test_direct.pkl")
+    run("3_Predictor/4_evaluate.py", "--dataset", "toy", cwd=tmp_path)
+    metrics = json.loads((data / "metrics.json").read_text())
+    assert metrics["results"]["all"]["Direct Predictor (no reason)"]["MAE"] == round(2 / 3, 4)
+    assert {"SVD", "SVD++", "User+item bias"} <= set(metrics["results"]["all"])

@@ -7,8 +7,8 @@ import pytest
 from safetensors import safe_open
 
 import llm
-from conftest import run
-from utils import to_messages
+from conftest import REPO, run
+from prompts import to_messages
 
 EXAMPLES = [to_messages(f"How would user {k} rate the guitar strap number {k}?", f"Predicted Rating: {k % 5 + 1}.0")
             for k in range(24)]
@@ -18,7 +18,7 @@ EXAMPLES = [to_messages(f"How would user {k} rate the guitar strap number {k}?",
 def trained(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("finetune")
     (root / "sft.pkl").write_bytes(pickle.dumps(EXAMPLES))
-    run("qlora_finetune.py", "--model_path", tiny_model, "--train_data_path", root / "sft.pkl", "--output_dir",
+    run("qlora_finetune.py", "--model_path", tiny_model, "--train_data", root / "sft.pkl", "--expert", "test", "--output_dir",
         root / "out", "--num_train_epochs", "4", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
         "--lora_rank", "8", "--lora_alpha", "16", "--tune_last_layer", "true", env={"REASON4REC_BACKEND": "hf"})
     return root / "out" / "final_checkpoint"
@@ -28,8 +28,8 @@ def test_loss_goes_down_and_the_adapter_changes_the_outputs(trained, tiny_model)
     losses = [e["loss"] for e in json.loads((trained / "log_history.json").read_text()) if "loss" in e]
     assert len(losses) == 24 and np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.5
     questions = [m["messages"][0]["content"] for m in EXAMPLES[:6]]
-    before = llm.predict_ratings(*llm.load_model(tiny_model), questions)
-    after = llm.predict_ratings(*llm.load_model(trained), questions)
+    before = llm.load_model(tiny_model).score(questions)
+    after = llm.load_model(trained).score(questions)
     assert np.abs(after - before).max() > 0.05
 
 
@@ -64,3 +64,36 @@ def test_train_script_passes_extra_arguments_and_names_missing_data(tmp_path, ti
     assert "1_Summarizer/2_construct_summarizer_train_data.py" in result.stderr
     result = run("2_Reasoner/6_reasoner_train.sh", cwd=tmp_path, check=False, env={"DATASET": "x", "MODEL_PATH": ""})
     assert result.returncode != 0 and "MODEL_PATH" in result.stderr
+
+
+# The official hyper-parameters of each expert, as its *_train.sh of Peter-Fy/Reason4Rec passes them.
+OFFICIAL = {
+    "1_Summarizer/summarizer.yaml": dict(lora_rank=16, lora_alpha=32, lora_dropout=0.0, tune_last_layer=False,
+                                         num_train_epochs=5, per_device_train_batch_size=16, learning_rate=3e-4,
+                                         warmup_steps=100),
+    "2_Reasoner/reward_model.yaml": dict(lora_rank=8, lora_alpha=16, lora_dropout=0.0, tune_last_layer=True,
+                                         num_train_epochs=3, per_device_train_batch_size=16, learning_rate=3e-6,
+                                         warmup_steps=0.1),
+    "2_Reasoner/reasoner.yaml": dict(lora_rank=16, lora_alpha=32, lora_dropout=0.1, tune_last_layer=False,
+                                     num_train_epochs=3, per_device_train_batch_size=32, learning_rate=3e-4,
+                                     warmup_steps=100),
+    "3_Predictor/predictor.yaml": dict(lora_rank=8, lora_alpha=16, lora_dropout=0.0, tune_last_layer=True,
+                                       num_train_epochs=3, per_device_train_batch_size=16, learning_rate=3e-5,
+                                       warmup_steps=0.1),
+}
+
+
+@pytest.mark.parametrize("config", OFFICIAL)
+def test_each_experts_config_holds_the_official_values_and_flags_override_them(config, tiny_model, monkeypatch):
+    import qlora_finetune
+
+    monkeypatch.setenv("MODEL_PATH", tiny_model)
+    monkeypatch.setenv("DATASET", "mi")
+    _, args, trainer = qlora_finetune.parse(["--config", str(REPO / config)])
+    values = {**vars(args), **trainer.to_dict()}
+    assert {k: values[k] for k in OFFICIAL[config]} == OFFICIAL[config]
+    assert trainer.gradient_accumulation_steps == 1 and trainer.seed == 42 and args.max_len == 4096
+    assert trainer.output_dir == f"checkpoints/mi/{args.expert}"
+    _, args, trainer = qlora_finetune.parse(["--config", str(REPO / config), "--learning_rate", "1e-3",
+                                             "--lora_rank", "4", "--output_dir", "elsewhere"])
+    assert trainer.learning_rate == 1e-3 and args.lora_rank == 4 and trainer.output_dir == "elsewhere"

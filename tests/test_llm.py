@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import llm
-from utils import ResultCache
+from cache import ResultCache
 
 SMOLLM2 = Path(__file__).resolve().parents[1] / "models" / "SmolLM2-135M-Instruct"
 QUESTIONS = [f"Question {i}: does the user like " + "bright guitar strings, " * (i % 4 + 1) for i in range(7)]
@@ -19,14 +19,14 @@ def model(request, tiny_model):
 
 
 def test_batched_generation_equals_one_at_a_time(model):
-    batched = llm.generate(*model, QUESTIONS, max_new_tokens=12, batch_size=4)
-    single = [llm.generate(*model, [q], max_new_tokens=12, batch_size=1)[0] for q in QUESTIONS]
+    batched = model.generate(QUESTIONS, max_new_tokens=12, batch_size=4)
+    single = [model.generate([q], max_new_tokens=12, batch_size=1)[0] for q in QUESTIONS]
     assert batched == single and all(batched)
 
 
 def test_batched_rating_prediction_equals_one_at_a_time(model):
-    batched = llm.predict_ratings(*model, QUESTIONS, batch_size=3)
-    single = np.array([llm.predict_ratings(*model, [q], batch_size=1)[0] for q in QUESTIONS])
+    batched = model.score(QUESTIONS, batch_size=3)
+    single = np.array([model.score([q], batch_size=1)[0] for q in QUESTIONS])
     np.testing.assert_allclose(batched, single, atol=1e-5)
     assert ((batched >= 1) & (batched <= 5)).all()
 
@@ -34,40 +34,55 @@ def test_batched_rating_prediction_equals_one_at_a_time(model):
 def test_rating_prediction_is_the_expectation_over_the_five_digits(model):
     import torch
 
-    m, tokenizer = model
+    tokenizer = model.tokenizer
     text = llm.chat_text(tokenizer, QUESTIONS[0], "Predicted Rating: ")
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
     with torch.no_grad():
-        logits = m(**ids).logits[0, -1]
+        logits = model.model(**ids).logits[0, -1]
     digits = [tokenizer.convert_tokens_to_ids(d) for d in "12345"]
     expected = (torch.softmax(logits[digits], -1) * torch.arange(1.0, 6.0)).sum().item()
-    assert llm.predict_ratings(m, tokenizer, QUESTIONS[:1])[0] == pytest.approx(expected, abs=1e-5)
+    assert model.score(QUESTIONS[:1])[0] == pytest.approx(expected, abs=1e-5)
 
 
 def test_chat_text_comes_from_the_template_without_a_second_bos(model):
-    _, tokenizer = model
+    tokenizer = model.tokenizer
     ids = tokenizer(llm.chat_text(tokenizer, "hello"), add_special_tokens=False).input_ids
     assert ids[0] != ids[1] or ids[0] != tokenizer.bos_token_id  # never two BOS tokens in a row
-    assert llm.stop_token_ids(model[0], tokenizer)  # from the tokenizer and generation config, never hard-coded
+
+
+def test_generation_stops_on_a_stop_token_known_only_to_the_generation_config(model):
+    """Stop tokens come from the tokenizer and the generation config (Llama-3's <|eot_id|> lives there), never from a
+    hard-coded list: make a token the model is about to write a stop token of the config, and generation ends there."""
+    m, tokenizer = model.model, model.tokenizer
+    free = model.generate(QUESTIONS[:1], max_new_tokens=12)[0]
+    ids = tokenizer(free, add_special_tokens=False).input_ids
+    stop = ids[len(ids) // 2]  # a token in the middle of the free answer
+    original = m.generation_config.eos_token_id
+    configured = [original] if isinstance(original, int) else list(original or [])
+    m.generation_config.eos_token_id = configured + [stop]
+    try:
+        stopped = model.generate(QUESTIONS[:1], max_new_tokens=12)[0]
+    finally:
+        m.generation_config.eos_token_id = original
+    assert free.startswith(stopped) and len(stopped) < len(free)
 
 
 def test_sampled_generation_is_reproducible(model):
-    a = llm.generate(*model, QUESTIONS[:4], max_new_tokens=8, temperature=1.0, seed=3, batch_size=2)
-    b = llm.generate(*model, QUESTIONS[:4], max_new_tokens=8, temperature=1.0, seed=3, batch_size=2)
+    a = model.generate(QUESTIONS[:4], max_new_tokens=8, temperature=1.0, seed=3, batch_size=2)
+    b = model.generate(QUESTIONS[:4], max_new_tokens=8, temperature=1.0, seed=3, batch_size=2)
     assert a == b
 
 
 def test_cache_skips_what_is_done_and_keeps_the_same_answers(model, tmp_path):
-    cache = ResultCache(tmp_path / "c.sqlite")
-    first = llm.generate(*model, QUESTIONS[:5], max_new_tokens=6, batch_size=2, cache=cache, model_id="m")
-    assert len(cache) == 5
+    cached = llm.Expert(model.model, model.tokenizer, "m", cache=ResultCache(tmp_path / "c.sqlite"), batch_size=2)
+    first = cached.generate(QUESTIONS[:5], max_new_tokens=6)
+    assert len(cached.cache) == 5
     calls = []
-    m, tokenizer = model
+    m = model.model
     original = m.generate
     m.generate = lambda *a, **k: calls.append(1) or original(*a, **k)
     try:
-        assert llm.generate(m, tokenizer, QUESTIONS[:5], max_new_tokens=6, batch_size=2, cache=cache,
-                            model_id="m") == first
+        assert cached.generate(QUESTIONS[:5], max_new_tokens=6) == first
     finally:
         m.generate = original
     assert not calls

@@ -82,16 +82,14 @@ def test_resume_from_the_authors_pickles(tmp_path, tiny_model):
     reasons.to_pickle(data / "distilling_high_quality_reasons.pkl")
     frame.iloc[4:].to_pickle(data / "raw_data" / "test.pkl")
     env = pipeline_env(tiny_model, DATASET="Music_data")
-    missing = run("2_Reasoner/5_construct_reasoner_train_data.py", cwd=tmp_path, env=env, check=False)
-    assert missing.returncode != 0 and "--product_class" in missing.stderr  # no dataset.json with their data
-    pc = ["--product_class", "Digital Music"]
     gen = ["--max_new_tokens", "8"]
-    run("2_Reasoner/5_construct_reasoner_train_data.py", *pc, cwd=tmp_path, env=env)
+    run("2_Reasoner/5_construct_reasoner_train_data.py", cwd=tmp_path, env=env)  # no dataset.json with their data
+    assert json.loads((data / "dataset.json").read_text()) == {"product_class": "Digital Music", "max_his": 10}
     run("2_Reasoner/6_reasoner_train.sh", "--max_steps", "1", cwd=tmp_path, env=env)
-    run("3_Predictor/1_construct_predictor_train_data.py", *pc, *gen, cwd=tmp_path, env=env)
+    run("3_Predictor/1_construct_predictor_train_data.py", *gen, cwd=tmp_path, env=env)
     run("3_Predictor/2_predictor_train.sh", "--max_steps", "1", cwd=tmp_path, env=env)
-    run("2_Reasoner/7_generate_reason_for_test.py", *pc, *gen, cwd=tmp_path, env=env)
-    run("3_Predictor/3_generate_predict_for_test.py", *pc, cwd=tmp_path, env=env)
+    run("2_Reasoner/7_generate_reason_for_test.py", *gen, cwd=tmp_path, env=env)
+    run("3_Predictor/3_generate_predict_for_test.py", cwd=tmp_path, env=env)
     examples = pickle.loads((data / "Reasoner_train_instruct.pkl").read_bytes())
     assert [x["messages"][1]["content"] for x in examples] == ["The user likes B.", "The user dislikes B."]
     assert 'new Digital Music "Album B"' in examples[0]["messages"][0]["content"]

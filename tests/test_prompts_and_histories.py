@@ -6,7 +6,7 @@ import pytest
 from official_reference import (OFFICIAL_SUMMARY_EXAMPLE, official_histories, official_rating_prompt,
                                 official_reason_prompt)
 from prompts import rating_prompt, reason_prompt, summary_prompt
-from utils import HistoryIndex
+from histories import HistoryIndex
 
 
 def review_log(n=400, users=15, items=25, seed=0) -> pd.DataFrame:

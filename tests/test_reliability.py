@@ -87,22 +87,35 @@ def test_kill_at_a_random_point_and_resume(finished, tmp_path, tiny_model, scrip
     server.close()
 
 
-def test_training_resumes_from_its_last_checkpoint(finished, tmp_path, tiny_model):
-    root = finished[0]
-    args = ["--max_steps", "6", "--save_strategy", "steps", "--save_steps", "1", "--per_device_train_batch_size", "2"]
-    env = environment(pipeline_env(tiny_model))
-    whole, killed = (copy_of(root, tmp_path / name, "checkpoints") for name in ("whole", "killed"))
-    run("2_Reasoner/6_reasoner_train.sh", *args, cwd=whole, env=pipeline_env(tiny_model))
-    child = subprocess.Popen(["bash", str(REPO / "2_Reasoner/6_reasoner_train.sh"), *args], cwd=killed, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    out = killed / "checkpoints" / DATASET / "Reasoner"
-    while not (out / "checkpoint-3" / "trainer_state.json").exists():
+def kill_training_after(args, work, tiny_model, checkpoint: int) -> Path:
+    """Start the Reasoner's training with `args` in `work` and SIGKILL it once `checkpoint` is complete."""
+    child = subprocess.Popen(["bash", str(REPO / "2_Reasoner/6_reasoner_train.sh"), *args], cwd=work,
+                             env=environment(pipeline_env(tiny_model)), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    out = work / "checkpoints" / DATASET / "Reasoner"
+    while not (out / f"checkpoint-{checkpoint}" / "trainer_state.json").exists():
         assert child.poll() is None, "training finished before it could be killed"
         time.sleep(0.05)
     os.killpg(child.pid, signal.SIGKILL)
     child.wait()
-    resumed = run("2_Reasoner/6_reasoner_train.sh", *args, cwd=killed, env=pipeline_env(tiny_model)).stdout
+    return out
+
+
+TRAIN = ["--max_steps", "6", "--save_strategy", "steps", "--save_steps", "1", "--per_device_train_batch_size", "2"]
+
+
+def test_training_resumes_from_its_last_checkpoint_after_cosmetic_changes(finished, tmp_path, tiny_model):
+    """Killed after three checkpoints, then rerun with the flags in another order and a logging flag added: the same
+    job, so it resumes (no checkpoint deleted) and ends with the weights of an uninterrupted run."""
+    root = finished[0]
+    whole, killed = (copy_of(root, tmp_path / name, "checkpoints") for name in ("whole", "killed"))
+    run("2_Reasoner/6_reasoner_train.sh", *TRAIN, cwd=whole, env=pipeline_env(tiny_model))
+    out = kill_training_after(TRAIN, killed, tiny_model, 3)
+    before = {p.name for p in out.glob("checkpoint-*")}
+    reordered = TRAIN[4:] + TRAIN[:4] + ["--logging_steps", "2", "--save_total_limit", "10"]
+    resumed = run("2_Reasoner/6_reasoner_train.sh", *reordered, cwd=killed, env=pipeline_env(tiny_model)).stdout
     assert "resuming from" in resumed and "checkpoint-" in resumed
+    assert before <= {p.name for p in out.glob("checkpoint-*")}  # nothing deleted
     final = "final_checkpoint/adapter_model.safetensors"
     from safetensors.torch import load_file
 
@@ -110,13 +123,22 @@ def test_training_resumes_from_its_last_checkpoint(finished, tmp_path, tiny_mode
     assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-6 for k in a)
 
 
-def test_a_different_job_in_the_same_folder_starts_afresh(finished, tmp_path, tiny_model):
+def test_another_job_in_the_same_folder_is_refused_and_deletes_nothing(finished, tmp_path, tiny_model):
     work = copy_of(finished[0], tmp_path / "w", "checkpoints")
-    args = ["--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1"]
-    run("2_Reasoner/6_reasoner_train.sh", *args, cwd=work, env=pipeline_env(tiny_model))
-    again = run("2_Reasoner/6_reasoner_train.sh", *args, "--learning_rate", "1e-3", cwd=work,
-                env=pipeline_env(tiny_model)).stdout
-    assert "resuming" not in again
+    out = kill_training_after(TRAIN, work, tiny_model, 2)
+    before = {p.name: sha(p / "trainer_state.json") for p in out.glob("checkpoint-*")
+              if (p / "trainer_state.json").exists()}
+    again = run("2_Reasoner/6_reasoner_train.sh", *TRAIN, "--learning_rate", "1e-3", cwd=work,
+                env=pipeline_env(tiny_model), check=False)
+    errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
+    assert again.returncode == 1 and len(errors) == 1 and "Traceback" not in again.stderr
+    assert "another training job" in errors[0] and "learning_rate 0.0003 -> 0.001" in errors[0]
+    assert str(Path("checkpoints") / DATASET / "Reasoner") in errors[0] and "OUTPUT_DIR" in errors[0]
+    assert {p.name: sha(p / "trainer_state.json") for p in out.glob("checkpoint-*")
+            if (p / "trainer_state.json").exists()} == before
+    elsewhere = run("2_Reasoner/6_reasoner_train.sh", *TRAIN, "--learning_rate", "1e-3", cwd=work,
+                    env=pipeline_env(tiny_model, OUTPUT_DIR="checkpoints/other")).stdout
+    assert "resuming" not in elsewhere and (work / "checkpoints/other/final_checkpoint").is_dir()
 
 
 # ------------------------------------------------------------------------------------------------ teacher faults
@@ -212,13 +234,15 @@ def test_a_history_table_holding_test_reviews_is_refused(finished, tmp_path, tin
 
 
 def test_the_history_index_refuses_an_entry_at_or_after_its_target():
-    from utils import HistoryIndex
+    from histories import HistoryIndex
 
     log = pd.DataFrame({"user_id": ["u", "u"], "item_id": ["a", "b"], "title": ["A", "B"], "ratings": [4.0, 5.0],
                         "reviews": ["", ""], "unixReviewTime": [10, 20], "aspect_preference_summary": ["s", "t"]})
     index = HistoryIndex(log)
     assert [r.summary for r in index("u", "c", 20).user] == ["s"] and index("u", "c", 10).user == []
-    index.times = index.times[::-1].copy()  # corrupt it: the guard must catch what the lookup would let through
+    # Break the lookup itself: the sorted times it searches now claim that the review at 20 came first, so a
+    # binary search for "before 20" lets that very review through.  The guard must refuse it.
+    index.users.times = index.users.times - 15
     with pytest.raises(ValueError, match="at or after"):
         index("u", "c", 20)
 

@@ -1,0 +1,112 @@
+"""The context every Reasoner and Predictor prompt is built from, and the leakage boundary of the whole pipeline.
+
+For a target review (user, item, time): the user's and the item's last `max_his` reviews strictly before the
+target's time, each with its title, rating and summary, and the averages over *all* earlier ratings.  `HistoryIndex`
+builds it from per-user / per-item arrays sorted by time, looked up by binary search, instead of scanning the whole
+frame for every row as the official scripts do (benchmarks/history_prompts.py).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from utils import COLUMNS, DataArguments, fail, producer, read_pickle, read_table
+
+SUMMARY = "aspect_preference_summary"  # the Summarizer's summaries, the column every history shows
+HISTORY_TABLE = "train_summarizer_generation_results.pkl"
+
+
+class Review(NamedTuple):
+    title: str
+    rating: float
+    summary: str
+    time: int
+
+
+class History(NamedTuple):
+    user: list[Review]  # the user's last `max_his` reviews before the target, oldest first
+    item: list[Review]  # the item's, likewise
+    user_avg: float | None  # mean of *all* the user's earlier ratings; None when there are none
+    item_avg: float | None
+    user_count: int  # how many earlier reviews there are in all
+    item_count: int
+
+
+class _Group:
+    """One key column (user or item): rows sorted by (key, time), with where each key's run starts and ends."""
+
+    def __init__(self, df: pd.DataFrame, key: str):
+        order = np.lexsort((df["unixReviewTime"].to_numpy(), df[key].to_numpy()))  # stable: ties keep file order
+        keys = df[key].to_numpy()[order]
+        self.rows = order
+        self.times = df["unixReviewTime"].to_numpy()[order]
+        self.cumsum = np.concatenate([[0.0], np.cumsum(df["ratings"].to_numpy(dtype=float)[order])])
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.array([], int)
+        ends = np.r_[starts[1:], len(keys)]
+        self.span = dict(zip(keys[starts].tolist(), zip(starts.tolist(), ends.tolist())))
+
+    def before(self, key, time, max_his):
+        """Row numbers of the last `max_his` rows of `key` strictly before `time`, the count and rating sum of all."""
+        start, end = self.span.get(key, (0, 0))
+        cut = start + int(np.searchsorted(self.times[start:end], time, side="left"))
+        return self.rows[max(start, cut - max_his): cut], cut - start, self.cumsum[cut] - self.cumsum[start]
+
+
+class HistoryIndex:
+    """Look up, for any (user, item, time), the histories every prompt is built from.
+
+    `reviews` is the review log the histories come from (the training split with its summaries): only rows
+    strictly earlier than the target's time are ever returned, so neither the target itself nor anything after
+    it can leak into its prompt."""
+
+    def __init__(self, reviews: pd.DataFrame, max_his: int = 10, summary_column: str = SUMMARY):
+        if summary_column not in reviews.columns:
+            fail(f"the history table has no column {summary_column!r}; "
+                 f"run `1_Summarizer/4_generate_summary_for_train.py` first.")
+        self.max_his = max_his
+        self.titles = reviews["title"].astype(str).to_numpy()
+        self.ratings = reviews["ratings"].to_numpy(dtype=float)
+        self.summaries = reviews[summary_column].map(_text).to_numpy()
+        self.times = reviews["unixReviewTime"].to_numpy().copy()
+        self.users = _Group(reviews, "user_id")
+        self.items = _Group(reviews, "item_id")
+
+    def _reviews(self, rows) -> list[Review]:
+        return [Review(self.titles[r], self.ratings[r], self.summaries[r], int(self.times[r])) for r in rows]
+
+    def __call__(self, user_id, item_id, time) -> History:
+        u_rows, u_n, u_sum = self.users.before(user_id, time, self.max_his)
+        i_rows, i_n, i_sum = self.items.before(item_id, time, self.max_his)
+        history = History(self._reviews(u_rows), self._reviews(i_rows),
+                          u_sum / u_n if u_n else None, i_sum / i_n if i_n else None, u_n, i_n)
+        # Cannot happen; refuse rather than leak.  Checked against the table's own times, not the sorted copies the
+        # lookup searched, so that a fault in the lookup or its arrays is caught here.
+        if any(r.time >= time for r in history.user + history.item):
+            raise ValueError(f"history entry at or after its target's time {time} (user {user_id}, item {item_id})")
+        return history
+
+    def for_rows(self, df: pd.DataFrame) -> list[History]:
+        return [self(u, i, t) for u, i, t in zip(df["user_id"], df["item_id"], df["unixReviewTime"])]
+
+
+def load_histories(data: DataArguments, max_his: int) -> HistoryIndex:
+    """The index over the Summarizer's summaries of the training reviews, which every Stage 2 and 3 prompt shows.
+    Refuses a table that holds any review of the valid or test split: those must never reach a prompt."""
+    reviews = read_table(data, HISTORY_TABLE, COLUMNS + [SUMMARY], limit=False)
+    key = ["user_id", "item_id", "unixReviewTime"]
+    for split in ("valid", "test"):
+        if data.file(f"raw_data/{split}.pkl").exists():
+            held_out = read_pickle(data.file(f"raw_data/{split}.pkl"), key)
+            leaked = reviews[key].merge(held_out[key].drop_duplicates(), on=key)
+            if len(leaked):
+                fail(f"{data.file(HISTORY_TABLE)} holds {len(leaked)} review(s) of the {split} split (e.g. user "
+                     f"{leaked.user_id.iloc[0]}, item {leaked.item_id.iloc[0]}): histories may show training reviews "
+                     f"only. Rerun {producer(HISTORY_TABLE)} on raw_data/train.pkl.")
+    return HistoryIndex(reviews, max_his=max_his)
+
+
+def _text(value) -> str:
+    """A summary as text: a missing one (None/NaN) becomes "", never the string "nan"."""
+    return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
