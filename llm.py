@@ -46,8 +46,9 @@ class ModelArguments:
                 "<checkpoint_dir>/<dataset>/<Expert>/final_checkpoint)"})
     checkpoint_dir: str = field(default_factory=lambda: os.environ.get("CHECKPOINT_DIR", "checkpoints"), metadata={
         "help": "where the *_train.sh scripts write the adapters (default: $CHECKPOINT_DIR, else checkpoints)"})
-    base_model_path: str | None = field(default=None, metadata={
-        "help": "the base model, where the adapter's own record of it is out of date (default: $MODEL_PATH)"})
+    model_path: str | None = field(default=None, metadata={
+        "help": "the base model, where the adapter's own record of it is out of date (else $MODEL_PATH serves where "
+                "that record is not a model folder here)"})
     load_in_4bit: str = field(default="auto", metadata={"help": "true/false; auto: on a CUDA GPU"})
     batch_size: int = field(default=8, metadata={"help": "prompts per forward pass"})
     max_new_tokens: int = field(default=1024, metadata={"help": "longest generated answer"})
@@ -105,16 +106,19 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
-def base_of(adapter: str | Path, base_model_path: str | None = None) -> str:
-    """The base model a LoRA adapter was trained on: its adapter_config.json says, unless overridden (--base_model_path
-    or $MODEL_PATH), e.g. when the base model has moved since training."""
+def base_of(adapter: str | Path, model_path: str | None = None) -> str:
+    """The base model a LoRA adapter was trained on: its adapter_config.json says, unless overridden (--model_path,
+    or $MODEL_PATH where the recorded one is not here), e.g. when the base model has moved since training."""
+    if model_path and (Path(model_path) / "adapter_config.json").exists():
+        fail(f"--model_path {model_path} is a LoRA adapter; --model_path names the base model, --adapter_path the "
+             f"adapter")
     config = json.loads((Path(adapter) / "adapter_config.json").read_text())
-    base = base_model_path or config["base_model_name_or_path"]
+    base = model_path or config["base_model_name_or_path"]
     if not Path(base).exists() and os.environ.get("MODEL_PATH"):
         base = os.environ["MODEL_PATH"]
     if not (Path(base) / "config.json").exists():
         fail(f"the base model of {adapter} is {base!r}, which is not a model folder here; "
-             f"pass --base_model_path or set MODEL_PATH to it.")
+             f"pass --model_path or set MODEL_PATH to it.")
     return base
 
 
@@ -129,11 +133,11 @@ def fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def load_model(path: str | Path, *, load_in_4bit="auto", base_model_path=None, **expert) -> "Expert":
-    """A base model folder, or a LoRA adapter folder on its base model, ready for inference."""
+def load_model(path: str | Path, *, load_in_4bit="auto", model_path=None, **expert) -> "Expert":
+    """A base model folder, or a LoRA adapter folder on its base model (see `base_of`), ready for inference."""
     path = str(path)
     adapter = path if (Path(path) / "adapter_config.json").exists() else None
-    model, tokenizer = load_base(base_of(adapter, base_model_path) if adapter else path, load_in_4bit=load_in_4bit)
+    model, tokenizer = load_base(base_of(adapter, model_path) if adapter else path, load_in_4bit=load_in_4bit)
     if adapter:
         from peft import PeftModel
 
@@ -154,7 +158,7 @@ def load_expert(data: DataArguments, args: ModelArguments, name: str) -> "Expert
     """A trained expert (by default the adapter its *_train.sh wrote), with the step's batch settings and the dataset's
     generation cache."""
     path = require_model(args.adapter_path or Path(args.checkpoint_dir) / data.dataset / name / "final_checkpoint")
-    expert = load_model(path, load_in_4bit=args.load_in_4bit, base_model_path=args.base_model_path,
+    expert = load_model(path, load_in_4bit=args.load_in_4bit, model_path=args.model_path,
                         cache=ResultCache(data.file("generation_cache.sqlite")), batch_size=args.batch_size,
                         max_new_tokens=args.max_new_tokens)
     print(f"{name}: {path} on {backend()}, {'4-bit' if loaded_in_4bit(expert.model) else 'not quantized'}")

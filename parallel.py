@@ -38,9 +38,11 @@ def relaunch():
 
 
 def _state():
+    """The process group, joined once: NCCL across GPUs, gloo on a machine without (where accelerate must be told)."""
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def gather(items: list) -> list:

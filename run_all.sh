@@ -2,7 +2,8 @@
 # Runs the whole Reason4Rec pipeline, every numbered step in order, and ends with the evaluation table.
 #
 #   bash run_all.sh                       the embedded default demo: a slice of real Amazon Musical Instruments
-#                                         reviews, SmolLM2-135M-Instruct as base model and as local teacher, sizes
+#                                         reviews ($REVIEWS_FILE, see scripts/demo_reviews.py; downloaded where
+#                                         absent), SmolLM2-135M-Instruct as base model and as local teacher, sizes
 #                                         that finish in about half an hour on a 2-core CPU
 #   DATASET=X MODEL_PATH=M bash run_all.sh     your prepared dataset (Data/X, see Data/prepare_data.py) and base
 #                                         model, with the official sizes; the teacher from OPENAI_API_KEY etc.
@@ -30,8 +31,7 @@ if [ -z "${DATASET:-}" ]; then
     DISTILL_ARGS="${DISTILL_ARGS-"--max_sample_num 2"}"
     GEN_ARGS="${GEN_ARGS-"--max_new_tokens 64 --batch_size 16"}"
     TRAIN_ARGS="${TRAIN_ARGS-"--num_train_epochs 1 --max_steps 4 --per_device_train_batch_size 4 --warmup_steps 0"}"
-    RAW="$R/../shared/data/reviews_Musical_Instruments_5.json.gz"
-    MD5=8035b6e3f9194844785b3f4cee296577
+    DEMO=1
 fi
 : "${MODEL_PATH:?set MODEL_PATH to the base model folder}"
 DATA="${DATA_DIR:-Data}/$DATASET"
@@ -53,25 +53,12 @@ step() {  # step NAME COMMAND...: run one step, timed; on failure, name it and s
 }
 python() { if [ -n "${PYTHON:-}" ]; then "$PYTHON" "$@"; else command python "$@"; fi; }
 
-if [ -n "${RAW:-}" ]; then  # the demo's own setup
+if [ -n "${DEMO:-}" ]; then  # the demo's own setup
     if [ ! -f "$MODEL_PATH/config.json" ]; then
         step "convert the embedded SmolLM2-135M-Instruct" python "$R/scripts/prepare_default_model.py" --output "$MODEL_PATH"
     fi
     if [ ! -f "$DATA/raw_data/train.pkl" ]; then
-        if [ ! -f "$RAW" ]; then
-            RAW=Data/downloads/reviews_Musical_Instruments_5.json.gz
-            step "download the Amazon 2014 Musical Instruments 5-core reviews" python - "$RAW" "$MD5" <<'PY'
-import hashlib, os, sys, urllib.request
-path, md5 = sys.argv[1:]
-url = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/reviews_Musical_Instruments_5.json.gz"
-if not os.path.exists(path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    urllib.request.urlretrieve(url, path + ".part")
-    os.replace(path + ".part", path)
-if hashlib.md5(open(path, "rb").read()).hexdigest() != md5:
-    sys.exit(f"error: {path} does not have the md5 {md5} of the official file; delete it and rerun")
-PY
-        fi
+        RAW="$(python "$R/scripts/demo_reviews.py" --download)"
         step "prepare a slice of $DEMO_USERS users" python "$R/Data/prepare_data.py" --input "$RAW" --dataset "$DATASET" \
             --max_users "$DEMO_USERS" ${PREPARE_ARGS:-}
     else

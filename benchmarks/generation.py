@@ -2,7 +2,7 @@
 on the same 32 prompts with SmolLM2-135M-Instruct: the texts must be identical; prints the throughput ratio and
 how much of each batch is padding, with the prompts sorted by length (the project) and in their given order.
 
-The prompts are the Summarizer's, built from real reviews of ../shared/data (or generated text where it is absent).
+The prompts are the Summarizer's, built from the real reviews of $REVIEWS_FILE (scripts/demo_reviews.py), or generated text where it is absent.
 
     python benchmarks/generation.py [--prompts 32] [--batch_size 16] [--max_new_tokens 32]
 """
@@ -16,10 +16,11 @@ sys.path.insert(0, str(ROOT))
 
 import llm  # noqa: E402
 from prompts import summary_prompt  # noqa: E402
+from scripts.demo_reviews import reviews_file  # noqa: E402
 from utils import require_model  # noqa: E402
 
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
-REVIEWS = ROOT.parent / "shared" / "data" / "reviews_Musical_Instruments_5.json.gz"
+REVIEWS = reviews_file()
 
 
 def review_texts(n: int) -> list[tuple[str, float, str]]:

@@ -34,14 +34,14 @@ fi
 "$PYTHON" -c "import importlib.util as u; print('backend:', 'unsloth' if u.find_spec('unsloth') else 'hf (Unsloth is not installed)')"
 
 RAW="$R/.gpu/reviews_Musical_Instruments_5.json.gz"
-[ -f "$RAW" ] || RAW="$R/../shared/data/reviews_Musical_Instruments_5.json.gz"
+[ -f "$RAW" ] || RAW="$("$PYTHON" "$R/scripts/demo_reviews.py")"
 cd "$WORK"
 "$PYTHON" "$R/scripts/build_random_llama.py" --output model --size "$SIZE"
-"$PYTHON" "$R/Data/prepare_data.py" --input "$RAW" --dataset gpu_check --max_users 40
+"$PYTHON" "$R/Data/prepare_data.py" --input "$RAW" --dataset gpu_check --max_users 40 --max_his 5
 
 STEP_LOG="$OUT/steps.tsv" DATASET=gpu_check MODEL_PATH="$WORK/model" PYTHON="$PYTHON" \
 TEACHER=local TEACHER_MODEL_PATH="$WORK/model" TEACHER_MAX_TOKENS=32 TEACHER_BATCH_SIZE=32 \
-DATA_ARGS="--max_his 5" SUMMARY_ARGS="--limit 32" DISTILL_ARGS="--max_sample_num 2" \
+SUMMARY_ARGS="--limit 32" DISTILL_ARGS="--max_sample_num 2" \
 GEN_ARGS="--max_new_tokens 32 --batch_size 32 --load_in_4bit $QUANT" \
 TRAIN_ARGS="--max_steps 3 --per_device_train_batch_size 4 --load_in_4bit $QUANT --save_strategy no" \
     bash "$R/run_all.sh" 2>&1 | tee "$OUT/run_all.log"

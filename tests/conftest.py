@@ -12,9 +12,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from scripts.demo_reviews import reviews_file  # noqa: E402
 from teacher_server import TeacherServer  # noqa: E402
 
-REAL_DATA = REPO.parent / "shared" / "data" / "reviews_Musical_Instruments_5.json.gz"
+REAL_DATA = reviews_file()
 DATASET = "mi"
 
 

@@ -12,10 +12,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from scripts.demo_reviews import reviews_file  # noqa: E402
 from utils import COLUMNS  # noqa: E402
 
 SCRIPT = REPO / "Data" / "prepare_data.py"
-REAL = REPO.parent / "shared" / "data" / "reviews_Musical_Instruments_5.json.gz"
+REAL = reviews_file()
 SPLITS = ("train", "valid", "test")
 DTYPES = {"user_id": "str", "item_id": "str", "title": "str", "ratings": "float64", "reviews": "str",
           "unixReviewTime": "int64"}
