@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from utils import COLUMNS, DataArguments, fail, producer, read_pickle, read_table
+from utils import COLUMNS, DataArguments, atomic_write, fail, producer, read_pickle, read_table
 
 SUMMARY = "aspect_preference_summary"  # the Summarizer's summaries, the column every history shows
 HISTORY_TABLE = "train_summarizer_generation_results.pkl"
@@ -48,9 +48,10 @@ class _Group:
         self.span = dict(zip(keys[starts].tolist(), zip(starts.tolist(), ends.tolist())))
 
     def before(self, key, time, max_his):
-        """Row numbers of the last `max_his` rows of `key` strictly before `time`, the count and rating sum of all."""
+        """Row numbers of the last `max_his` rows of `key` strictly before `time` (all of them where `time` is None),
+        the count and rating sum of all."""
         start, end = self.span.get(key, (0, 0))
-        cut = start + int(np.searchsorted(self.times[start:end], time, side="left"))
+        cut = end if time is None else start + int(np.searchsorted(self.times[start:end], time, side="left"))
         return self.rows[max(start, cut - max_his): cut], cut - start, self.cumsum[cut] - self.cumsum[start]
 
 
@@ -59,13 +60,16 @@ class HistoryIndex:
 
     `reviews` is the review log the histories come from (the training split with its summaries): only rows
     strictly earlier than the target's time are ever returned, so neither the target itself nor anything after
-    it can leak into its prompt."""
+    it can leak into its prompt.  `before_target=False` drops that rule and shows the latest reviews of the whole
+    table, as the authors' original test-time code did (a4fa718, step2/step7_construct_stage2_test.ipynb): asked for
+    explicitly, never by default."""
 
-    def __init__(self, reviews: pd.DataFrame, max_his: int = 10, summary_column: str = SUMMARY):
+    def __init__(self, reviews: pd.DataFrame, max_his: int = 10, summary_column: str = SUMMARY,
+                 before_target: bool = True):
         if summary_column not in reviews.columns:
             fail(f"the history table has no column {summary_column!r}; "
-                 f"run `1_Summarizer/4_generate_summary_for_train.py` first.")
-        self.max_his = max_his
+                 f"run `1_Summarizer/4_summarizer_generation.py` first.")
+        self.max_his, self.before_target = max_his, before_target
         self.titles = reviews["title"].astype(str).to_numpy()
         self.ratings = reviews["ratings"].to_numpy(dtype=float)
         self.summaries = reviews[summary_column].map(_text).to_numpy()
@@ -77,13 +81,14 @@ class HistoryIndex:
         return [Review(self.titles[r], self.ratings[r], self.summaries[r], int(self.times[r])) for r in rows]
 
     def __call__(self, user_id, item_id, time) -> History:
-        u_rows, u_n, u_sum = self.users.before(user_id, time, self.max_his)
-        i_rows, i_n, i_sum = self.items.before(item_id, time, self.max_his)
+        cut = time if self.before_target else None
+        u_rows, u_n, u_sum = self.users.before(user_id, cut, self.max_his)
+        i_rows, i_n, i_sum = self.items.before(item_id, cut, self.max_his)
         history = History(self._reviews(u_rows), self._reviews(i_rows),
                           u_sum / u_n if u_n else None, i_sum / i_n if i_n else None, u_n, i_n)
         # Cannot happen; refuse rather than leak.  Checked against the table's own times, not the sorted copies the
         # lookup searched, so that a fault in the lookup or its arrays is caught here.
-        if any(r.time >= time for r in history.user + history.item):
+        if self.before_target and any(r.time >= time for r in history.user + history.item):
             raise ValueError(f"history entry at or after its target's time {time} (user {user_id}, item {item_id})")
         return history
 
@@ -91,20 +96,32 @@ class HistoryIndex:
         return [self(u, i, t) for u, i, t in zip(df["user_id"], df["item_id"], df["unixReviewTime"])]
 
 
-def load_histories(data: DataArguments, max_his: int) -> HistoryIndex:
-    """The index over the Summarizer's summaries of the training reviews, which every Stage 2 and 3 prompt shows.
-    Refuses a table that holds any review of the valid or test split: those must never reach a prompt."""
+def load_histories(data: DataArguments, prompt, before_target: bool = True) -> HistoryIndex:
+    """The index over the Summarizer's summaries of the training reviews, which every Stage 2 and 3 prompt shows, with
+    the dataset's recorded history settings (`prompt`: prompts.HistoryPromptArguments).
+
+    Refuses a table that holds any review of the valid or test split (same user, item and time): those must never
+    reach a prompt.  The authors' published splits share a few such rows: they are listed in leaked_history_rows.csv
+    beside the data, and --drop_leaked_history_rows true (recorded like every prompt setting) drops them from the
+    histories."""
     reviews = read_table(data, HISTORY_TABLE, COLUMNS + [SUMMARY], limit=False)
     key = ["user_id", "item_id", "unixReviewTime"]
-    for split in ("valid", "test"):
-        if data.file(f"raw_data/{split}.pkl").exists():
-            held_out = read_pickle(data.file(f"raw_data/{split}.pkl"), key)
-            leaked = reviews[key].merge(held_out[key].drop_duplicates(), on=key)
-            if len(leaked):
-                fail(f"{data.file(HISTORY_TABLE)} holds {len(leaked)} review(s) of the {split} split (e.g. user "
-                     f"{leaked.user_id.iloc[0]}, item {leaked.item_id.iloc[0]}): histories may show training reviews "
-                     f"only. Rerun {producer(HISTORY_TABLE)} on raw_data/train.pkl.")
-    return HistoryIndex(reviews, max_his=max_his)
+    held_out = [read_pickle(data.file(f"raw_data/{split}.pkl"), key)[key].assign(split=split)
+                for split in ("valid", "test") if data.file(f"raw_data/{split}.pkl").exists()]
+    leaked = reviews[key].reset_index().merge(pd.concat(held_out).drop_duplicates(key), on=key) if held_out else []
+    if len(leaked):
+        listing = data.file("leaked_history_rows.csv")
+        atomic_write(listing, lambda f: leaked.rename(columns={"index": "row"}).to_csv(f, index=False), mode="w")
+        counts = ", ".join(f"{n} of the {split} split" for split, n in leaked["split"].value_counts().items())
+        if not prompt.drop_leaked_history_rows:
+            fail(f"{data.file(HISTORY_TABLE)} holds {len(leaked)} review(s) that are also in a held-out split "
+                 f"({counts}; e.g. user {leaked.user_id.iloc[0]}, item {leaked.item_id.iloc[0]}, time "
+                 f"{leaked.unixReviewTime.iloc[0]}), listed in {listing}: histories may show training reviews only. "
+                 f"Rerun {producer(HISTORY_TABLE)} on raw_data/train.pkl, or, for the authors' published data, pass "
+                 f"--drop_leaked_history_rows true to leave those rows out of every history.")
+        reviews = reviews.drop(index=leaked["index"].unique())
+        print(f"left {len(leaked)} review(s) that are also held out ({counts}) out of the histories; see {listing}")
+    return HistoryIndex(reviews, max_his=prompt.max_his, before_target=before_target)
 
 
 def _text(value) -> str:

@@ -52,6 +52,9 @@ class ModelArguments:
     load_in_4bit: str = field(default="auto", metadata={"help": "true/false; auto: on a CUDA GPU"})
     batch_size: int = field(default=8, metadata={"help": "prompts per forward pass"})
     max_new_tokens: int = field(default=1024, metadata={"help": "longest generated answer"})
+    double_bos: bool = field(default=False, metadata={
+        "help": "tokenize the chat text with a second BOS, as the official chat_with_LLM and logits_weighted_predict "
+                "do (the published results were made that way); default: the template's BOS only"})
 
 
 def default_dtype():
@@ -160,7 +163,7 @@ def load_expert(data: DataArguments, args: ModelArguments, name: str) -> "Expert
     path = require_model(args.adapter_path or Path(args.checkpoint_dir) / data.dataset / name / "final_checkpoint")
     expert = load_model(path, load_in_4bit=args.load_in_4bit, model_path=args.model_path,
                         cache=ResultCache(data.file("generation_cache.sqlite")), batch_size=args.batch_size,
-                        max_new_tokens=args.max_new_tokens)
+                        max_new_tokens=args.max_new_tokens, double_bos=args.double_bos)
     print(f"{name}: {path} on {backend()}, {'4-bit' if loaded_in_4bit(expert.model) else 'not quantized'}")
     return expert
 
@@ -171,9 +174,15 @@ class Expert:
     kept in `cache` as soon as it is done, under keys that include `model_id` (a fingerprint of the weights)."""
 
     def __init__(self, model, tokenizer, model_id: str = "", *, cache: ResultCache | None = None, batch_size: int = 8,
-                 max_new_tokens: int = 1024):
-        self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
-        self.cache, self.batch_size, self.max_new_tokens = cache, batch_size, max_new_tokens
+                 max_new_tokens: int = 1024, double_bos: bool = False):
+        self.model, self.tokenizer, self.cache = model, tokenizer, cache
+        self.batch_size, self.max_new_tokens, self.double_bos = batch_size, max_new_tokens, double_bos
+        self.model_id = f"{model_id}+double_bos" if double_bos else model_id  # other token ids, other cache keys
+
+    def encode(self, texts) -> list[list[int]]:
+        """Token ids of rendered chat texts.  The chat template already holds any BOS token: the tokenizer adds none,
+        unless `double_bos` asks for the official code's second one."""
+        return self.tokenizer(list(texts), add_special_tokens=self.double_bos)["input_ids"]
 
     @torch.no_grad()
     def generate(self, questions, *, temperature: float = 0.0, seed: int = 0, keys=None, desc: str = "generating",
@@ -184,7 +193,7 @@ class Expert:
         model, tokenizer = self.model, self.tokenizer
         max_new_tokens = max_new_tokens or self.max_new_tokens
         texts = [chat_text(tokenizer, q) for q in questions]
-        ids = _encode(tokenizer, texts)
+        ids = self.encode(texts)
         keys = keys or [ResultCache.key("generate", self.model_id, t, max_new_tokens, temperature, seed) for t in texts]
         sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else \
             dict(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -209,7 +218,7 @@ class Expert:
         same numbers), and the logits are read at each row's own last token."""
         model, tokenizer = self.model, self.tokenizer
         texts = [chat_text(tokenizer, q, RATING_PREFIX) for q in questions]
-        ids = _encode(tokenizer, texts)
+        ids = self.encode(texts)
         keys = [ResultCache.key("rating", self.model_id, t) for t in texts]
         digits = torch.tensor(rating_token_ids(tokenizer))
 
@@ -231,11 +240,6 @@ def chat_text(tokenizer, question: str, prefix: str = "") -> str:
     """The chat-template rendering of one user turn, ready for the assistant's answer (plus an answer prefix)."""
     messages = [{"role": "user", "content": question}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefix
-
-
-def _encode(tokenizer, texts):
-    # The chat template already holds any BOS token: don't let the tokenizer add a second one.
-    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
 
 def batches(lengths, batch_size: int):
@@ -285,12 +289,15 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 def rating_token_ids(tokenizer, prefix: str = RATING_PREFIX) -> list[int]:
     """Token ids of "1".."5" as they follow the answer prefix; checked, not assumed."""
+    def encode(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
     ids = []
     for digit in "12345":
         token = tokenizer.convert_tokens_to_ids(digit)
-        with_digit = _encode(tokenizer, [prefix + digit])[0]
+        with_digit = encode(prefix + digit)
         if token is None or token == tokenizer.unk_token_id or with_digit[-1] != token \
-                or with_digit[:-1] != _encode(tokenizer, [prefix])[0]:
+                or with_digit[:-1] != encode(prefix):
             fail(f"this tokenizer does not encode the rating {digit!r} as one token after {prefix!r}")
         ids.append(token)
     return ids

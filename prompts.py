@@ -36,7 +36,18 @@ class PromptArguments:
 
 @dataclass
 class HistoryPromptArguments(PromptArguments):
-    max_his: int | None = recorded(10, help="reviews shown per user / item history (Data/prepare_data.py records it; else 10, as the paper)")
+    max_his: int | None = recorded(
+        10, help="reviews shown per user / item history (Data/prepare_data.py records it; else 10, as the paper)")
+    drop_leaked_history_rows: bool | None = recorded(
+        False, help="leave out of the histories the training rows that are also in the valid or test split (the "
+                    "authors' published splits share a few)")
+
+
+@dataclass
+class TestPromptArguments(HistoryPromptArguments):
+    test_history_before_target: bool | None = recorded(
+        True, help="test-time histories and averages only from reviews before the target's time (official HEAD); "
+                   "false: from all training reviews, as the authors' original code (a4fa718)")
 
 
 def to_messages(question: str, answer: str) -> dict:
@@ -105,9 +116,8 @@ Analyze whether the user will like the new {product_class} "{title}" based on th
     return prompt
 
 
-def rating_prompt(product_class: str, title: str, history: History, analysis: str | None = None) -> str:
-    """Prompt 3 (direct rating); with `analysis` (a review, a candidate reason or the Reasoner's reply), prompt 4."""
-    context = f"""Here is information about a user and a new {product_class} "{title}" being recommended to the user. For the user, we have the user's past rating history User ratings range from 1 to 5, where 1 is the lowest and 5 is the highest. For the new item being recommended, we have the item rating history by other users.
+def _rating_context(product_class: str, title: str, history: History) -> str:
+    return f"""Here is information about a user and a new {product_class} "{title}" being recommended to the user. For the user, we have the user's past rating history User ratings range from 1 to 5, where 1 is the lowest and 5 is the highest. For the new item being recommended, we have the item rating history by other users.
 
 ### User Rating History ###
 {history_text(history.user, with_ratings=True)}
@@ -120,11 +130,26 @@ User's Average Rating (all previous ratings): {_average(history.user_avg)}
 Item's Average Rating (all ratings by other users): {_average(history.item_avg)}
 
 """
-    output = """(1 being the lowest and 5 being highest, directly give the rating without other content.)
+
+
+_RATING_OUTPUT = """(1 being the lowest and 5 being highest, directly give the rating without other content.)
 [Output Format] Predicted Rating: [A rating between 1 and 5]\tGive your reply following the output format without any extra information."""
+
+
+def rating_prompt(product_class: str, title: str, history: History, analysis: str | None = None) -> str:
+    """Prompt 3 (direct rating: the reward model without a reason); with `analysis` (a review, a candidate reason or
+    the Reasoner's reply), prompt 4 (the reward model with one, and the Predictor)."""
+    context = _rating_context(product_class, title, history)
     if analysis is None:
-        return context + f"""Based on the user's and item's rating histories and their average past ratings, please predict the user's rating for "{title}", """ + output
+        return context + f"""Based on the user's and item's rating histories and their average past ratings, please predict the user's rating for "{title}", """ + _RATING_OUTPUT
     return context + f"""### Personalized Recommendation Analysis ###
 {analysis}
 
-Based on the above information, please predict the user's rating for "{title}", """ + output
+Based on the above information, please predict the user's rating for "{title}", """ + _RATING_OUTPUT
+
+
+def direct_prediction_prompt(product_class: str, title: str, history: History) -> str:
+    """The authors' direct-prediction ablation (a4fa718, step3_construct_direct_rating_train.ipynb): prompt 4 without
+    its analysis block, ending with its own "Based on the above information" (not prompt 3's closing sentence)."""
+    return _rating_context(product_class, title, history) + \
+        f"""Based on the above information, please predict the user's rating for "{title}", """ + _RATING_OUTPUT

@@ -47,6 +47,9 @@ class FinetuneArguments:
     target_modules: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     load_in_4bit: str = field(default="auto", metadata={"help": "true/false; auto: on a CUDA GPU (QLoRA)"})
     tune_last_layer: bool = field(default=False, metadata={"help": "also train (and save) lm_head"})
+    save_lm_head: bool = field(default=True, metadata={
+        "help": "false: train lm_head but leave it out of the saved adapter, as the official trainer did (its "
+                "published reward model and Predictor were used that way)"})
     mask_loss: bool = field(default=True, metadata={"help": "loss on the assistant's answer only"})
     exact_global_batch: bool = field(default=True, metadata={
         "help": "with NUM_GPUS > 1, refuse a process count that cannot keep the configured global batch exactly"})
@@ -203,11 +206,12 @@ def main():
                          processing_class=tokenizer, peft_config=lora, callbacks=[ShowBatch()])
     trainer.train(resume_from_checkpoint=resume)
     if parallel.is_main_process():
-        save(trainer, tokenizer, output, provenance({"job": job, "finetune": asdict(args), "backend": llm.backend(),
-                                                     "loaded_in_4bit": llm.loaded_in_4bit(model)}, [data_file]))
+        save(trainer, tokenizer, output, args.save_lm_head, provenance(
+            {"job": job, "finetune": asdict(args), "backend": llm.backend(), "loaded_in_4bit": llm.loaded_in_4bit(model)},
+            [data_file]))
 
 
-def save(trainer, tokenizer, output: Path, record: dict):
+def save(trainer, tokenizer, output: Path, save_lm_head: bool, record: dict):
     """The adapter, its tokenizer, the training log and the provenance, into <output>/final_checkpoint at once."""
     final, tmp = output / "final_checkpoint", output / ".final_checkpoint.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -219,6 +223,12 @@ def save(trainer, tokenizer, output: Path, record: dict):
     adapter_config = json.loads(config_file.read_text())
     if isinstance(adapter_config.get("target_modules"), list):
         adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
+    if not save_lm_head and adapter_config.get("modules_to_save"):  # the official trainer's adapters: LoRA only
+        from safetensors.torch import load_file, save_file
+
+        weights = tmp / "adapter_model.safetensors"
+        save_file({k: v for k, v in load_file(weights).items() if "lm_head" not in k}, weights, metadata={"format": "pt"})
+        adapter_config["modules_to_save"] = None
     write_json(adapter_config, config_file)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

@@ -10,7 +10,7 @@ requests of a round run concurrently and its candidates are scored in batches.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,9 +26,12 @@ def gives_rating_away(text: str) -> bool:
 
 @dataclass
 class FilterArguments:
-    tau: float = TAU
-    max_sample_num: int = MAX_SAMPLE_NUM
-    temperature: float = 1.0
+    tau: float = field(default=TAU, metadata={"help": "keep a reason if it cuts the reward model's error by more "
+                                                      "than -tau"})
+    max_sample_num: int = field(default=MAX_SAMPLE_NUM, metadata={"help": "hinted retries per target"})
+    first_temperature: float = field(default=1.0, metadata={
+        "help": "the teacher's temperature for the first, unhinted reason: 1.0 (official HEAD) or 0.2 (a4fa718)"})
+    temperature: float = field(default=1.0, metadata={"help": "the teacher's temperature for the hinted retries"})
 
 
 def keep_helpful_reasons(truth, without, ask, score, tau=TAU, max_sample_num=MAX_SAMPLE_NUM):

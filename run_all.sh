@@ -27,7 +27,7 @@ if [ -z "${DATASET:-}" ]; then
     export TEACHER_MAX_TOKENS="${TEACHER_MAX_TOKENS:-64}" TEACHER_BATCH_SIZE="${TEACHER_BATCH_SIZE:-16}"
     DEMO_USERS="${DEMO_USERS:-40}"
     PREPARE_ARGS="${PREPARE_ARGS-"--max_his 5"}"
-    SUMMARY_ARGS="${SUMMARY_ARGS-"--limit 24"}"
+    SUMMARY_ARGS="${SUMMARY_ARGS-"--sample 24"}"
     DISTILL_ARGS="${DISTILL_ARGS-"--max_sample_num 2"}"
     GEN_ARGS="${GEN_ARGS-"--max_new_tokens 64 --batch_size 16"}"
     TRAIN_ARGS="${TRAIN_ARGS-"--num_train_epochs 1 --max_steps 4 --per_device_train_batch_size 4 --warmup_steps 0"}"
@@ -72,7 +72,7 @@ fi
 step "Summarizer 1: teacher summaries"        python "$R/1_Summarizer/1_distilling_aspect_preference_summary.py" ${SUMMARY_ARGS:-} ${DATA_ARGS:-}
 step "Summarizer 2: SFT data"                 python "$R/1_Summarizer/2_construct_summarizer_train_data.py" ${DATA_ARGS:-}
 step "Summarizer 3: train"                    bash "$R/1_Summarizer/3_summarizer_train.sh" ${TRAIN_ARGS:-} ${DATA_ARGS:-}
-step "Summarizer 4: summarize all training reviews" python "$R/1_Summarizer/4_generate_summary_for_train.py" ${GEN_ARGS:-} ${DATA_ARGS:-}
+step "Summarizer 4: summarize all training reviews" python "$R/1_Summarizer/4_summarizer_generation.py" ${GEN_ARGS:-} ${DATA_ARGS:-}
 step "Reasoner 1: sample targets"             python "$R/2_Reasoner/1_sample_train_data.py" ${SAMPLE_ARGS:-} ${DATA_ARGS:-}
 step "Reasoner 2: reward-model SFT data"      python "$R/2_Reasoner/2_construct_reward_train_data.py" ${DATA_ARGS:-}
 step "Reasoner 3: train the reward model"     bash "$R/2_Reasoner/3_reward_model_train.sh" ${TRAIN_ARGS:-} ${DATA_ARGS:-}

@@ -33,7 +33,7 @@ PRODUCERS = {
     "train_aspect_preference_summary.pkl": "1_Summarizer/1_distilling_aspect_preference_summary.py",
     "Summarizer_train_instruct.pkl": "1_Summarizer/2_construct_summarizer_train_data.py",
     "Summarizer": "1_Summarizer/3_summarizer_train.sh",
-    "train_summarizer_generation_results.pkl": "1_Summarizer/4_generate_summary_for_train.py",
+    "train_summarizer_generation_results.pkl": "1_Summarizer/4_summarizer_generation.py",
     "review_8000.pkl": "2_Reasoner/1_sample_train_data.py",
     "train_12000.pkl": "2_Reasoner/1_sample_train_data.py",
     "review_train_data.pkl": "2_Reasoner/2_construct_reward_train_data.py",
@@ -64,6 +64,10 @@ class DataArguments:
     data_dir: str = field(default_factory=lambda: os.environ.get("DATA_DIR", "Data"), metadata={
         "help": "the folder that holds one folder per dataset (default: $DATA_DIR, else Data)"})
     limit: int | None = field(default=None, metadata={"help": "only the first N rows of the input, for quick runs"})
+    sample: int | None = field(default=None, metadata={
+        "help": "a random sample of N rows of the input (in the sampled order), e.g. the Summarizer's 8,000 training "
+                "summaries of the authors' original code: --sample 8000 --sample_seed 42"})
+    sample_seed: int = field(default=42, metadata={"help": "the seed of --sample (pandas' random_state)"})
 
     @property
     def path(self) -> Path:
@@ -109,9 +113,12 @@ def parse_args(*dataclass_types, args=None, data_parallel: bool = False):
     return parsed
 
 
+_pending_records: dict[Path, dict] = {}  # settings to record, written with the step's first output pickle
+
+
 def _resolve_recorded(data: DataArguments, obj):
     path = data.file("dataset.json")
-    info = read_json(path) if path.exists() else {}
+    info = {**(read_json(path) if path.exists() else {}), **_pending_records.get(path, {})}
     new = {}
     for f in fields(obj):
         if not isinstance(f.default, Recorded):
@@ -129,8 +136,14 @@ def _resolve_recorded(data: DataArguments, obj):
                 fail(f"{path} records no {f.name}: pass --{f.name} (it is recorded there for the later steps)")
             new[f.name] = saved
         setattr(obj, f.name, saved)
-    if new and parallel.is_main_process():
-        write_json({**info, **new}, path)
+    if new:  # recorded once the step writes an output: a step that fails first has used nothing
+        _pending_records.setdefault(path, {}).update(new)
+
+
+def _write_pending_records():
+    while _pending_records:
+        path, new = _pending_records.popitem()
+        write_json({**(read_json(path) if path.exists() else {}), **new}, path)
         print(f"recorded {', '.join(f'{k}={v!r}' for k, v in new.items())} in {path}")
 
 
@@ -178,8 +191,12 @@ def read_pickle(path: str | Path, columns=(), what="table"):
 
 
 def read_table(args: DataArguments, name: str, columns=COLUMNS, limit=True) -> pd.DataFrame:
-    """Read `Data/<dataset>/<name>`, check its columns, and apply --limit."""
+    """Read `Data/<dataset>/<name>`, check its columns, and apply --sample, then --limit (unless `limit` is False)."""
     df = read_pickle(args.file(name), columns)
+    if limit and args.sample is not None:
+        if args.sample > len(df):
+            print(f"--sample {args.sample}: {args.file(name)} has only {len(df):,} rows; taking them all, shuffled")
+        df = df.sample(min(args.sample, len(df)), random_state=args.sample_seed)
     if limit and args.limit is not None:
         df = df.iloc[: args.limit]
     return df.reset_index(drop=True)
@@ -217,6 +234,9 @@ def atomic_write(path: str | Path, write, mode="wb"):
 
 
 def write_pickle(obj, path: str | Path):
+    """A step's output (and, with the first one, the settings it was made with: see `recorded`)."""
+    if parallel.is_main_process():
+        _write_pending_records()
     atomic_write(path, lambda f: pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL))
     if parallel.is_main_process():
         print(f"wrote {path} ({len(obj):,} rows)")

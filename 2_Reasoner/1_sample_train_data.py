@@ -29,7 +29,7 @@ class SampleArguments:
 
 args, prompt, sample_args = parse_args(HistoryPromptArguments, SampleArguments)
 train = read_table(args, "raw_data/train.pkl")
-histories = load_histories(args, prompt.max_his)
+histories = load_histories(args, prompt)
 
 contexts = histories.for_rows(train)
 train["his_len"] = [len(h.user) + len(h.item) for h in contexts]

@@ -19,7 +19,7 @@ from utils import parse_args, read_table, write_pickle
 
 args, prompt = parse_args(HistoryPromptArguments)
 targets = read_table(args, "review_8000.pkl")
-histories = load_histories(args, prompt.max_his)
+histories = load_histories(args, prompt)
 
 examples = [to_messages(rating_prompt(prompt.product_class, t.title, histories(t.user_id, t.item_id, t.unixReviewTime),
                                       analysis=t.reviews), rating_answer(t.ratings))

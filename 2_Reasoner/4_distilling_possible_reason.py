@@ -22,7 +22,7 @@ args, prompt, model_args, distill = parse_args(HistoryPromptArguments, ModelArgu
                                                data_parallel=True)
 teacher = Teacher(args.file("teacher_cache.sqlite"))  # checks the settings before any work
 targets = read_table(args, "train_12000.pkl")
-contexts = load_histories(args, prompt.max_his).for_rows(targets)
+contexts = load_histories(args, prompt).for_rows(targets)
 reward_model = load_expert(args, model_args, "reason_reward_model")
 labels = [f"{i} of train_12000.pkl (user {t.user_id}, item {t.item_id})" for i, t in enumerate(targets.itertuples())]
 
@@ -31,7 +31,8 @@ def ask(rows, attempt):
     """The teacher's reasons for these targets: unhinted at attempt 0, with the true rating as a hint after."""
     prompts = [reason_prompt(prompt.product_class, targets.title[i], contexts[i],
                              hint=targets.ratings[i] if attempt else None) for i in rows]
-    return teacher.ask(prompts, temperature=distill.temperature, samples=[attempt] * len(rows),
+    temperature = distill.temperature if attempt else distill.first_temperature
+    return teacher.ask(prompts, temperature=temperature, samples=[attempt] * len(rows),
                        labels=[labels[i] for i in rows], desc=f"teacher reasons, attempt {attempt}")
 
 

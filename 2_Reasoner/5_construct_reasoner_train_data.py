@@ -18,7 +18,7 @@ from utils import COLUMNS, parse_args, read_table, write_pickle
 
 args, prompt = parse_args(HistoryPromptArguments)
 targets = read_table(args, "distilling_high_quality_reasons.pkl", COLUMNS + ["personalized_analysis"])
-histories = load_histories(args, prompt.max_his)
+histories = load_histories(args, prompt)
 
 examples = [to_messages(reason_prompt(prompt.product_class, t.title, histories(t.user_id, t.item_id, t.unixReviewTime)),
                         t.personalized_analysis)

@@ -10,12 +10,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from histories import load_histories
 from llm import ModelArguments, load_expert
-from prompts import HistoryPromptArguments, reason_prompt
+from prompts import TestPromptArguments, reason_prompt
 from utils import parse_args, read_table, write_pickle
 
-args, prompt, model_args = parse_args(HistoryPromptArguments, ModelArguments, data_parallel=True)
+args, prompt, model_args = parse_args(TestPromptArguments, ModelArguments, data_parallel=True)
 test = read_table(args, "raw_data/test.pkl")
-contexts = load_histories(args, prompt.max_his).for_rows(test)
+contexts = load_histories(args, prompt, prompt.test_history_before_target).for_rows(test)
 reasoner = load_expert(args, model_args, "Reasoner")
 
 test["reasoner_reply"] = reasoner.generate([reason_prompt(prompt.product_class, title, h)

@@ -52,7 +52,7 @@ def main():
     model = llm.load_model(require_model(args.model))
     tokenizer = model.tokenizer
     questions = [summary_prompt("Musical Instruments", *r) for r in review_texts(args.prompts)]
-    lengths = [len(ids) for ids in llm._encode(tokenizer, [llm.chat_text(tokenizer, q) for q in questions])]
+    lengths = [len(ids) for ids in model.encode(llm.chat_text(tokenizer, q) for q in questions)]
     model.generate(questions[:2], max_new_tokens=4, batch_size=2, desc="warm-up")
 
     start = time.perf_counter()

@@ -41,7 +41,7 @@ def main():
     targets = log.sample(args.prompts, random_state=0)
     questions = [rating_prompt(PRODUCT, t.title, index(t.user_id, t.item_id, t.unixReviewTime), ANALYSIS)
                  for t in targets.itertuples()]
-    lengths = [len(ids) for ids in llm._encode(tokenizer, [llm.chat_text(tokenizer, q) for q in questions])]
+    lengths = [len(ids) for ids in model.encode(llm.chat_text(tokenizer, q) for q in questions)]
     model.score(questions[:2], batch_size=2, desc="warm-up")
 
     start = time.perf_counter()

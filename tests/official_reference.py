@@ -110,6 +110,28 @@ Based on the above information, please predict the user's rating for "{target_ti
 [Output Format] Predicted Rating: [A rating between 1 and 5]\tGive your reply following the output format without any extra information."""
 
 
+def official_direct_prediction_prompt(product_class, row, history_df):
+    """The authors' direct-prediction ablation, a4fa718 step3_construct_direct_rating_train.ipynb (its f-string)."""
+    user_history, item_history, user_average_rating, item_average_rating = official_histories(history_df, row)
+    user_history_text, item_history_text = _text(user_history, True), _text(item_history, True)
+    target_title = row.title
+    prompt = f"""Here is information about a user and a new {product_class} "{target_title}" being recommended to the user. For the user, we have the user's past rating history User ratings range from 1 to 5, where 1 is the lowest and 5 is the highest. For the new item being recommended, we have the item rating history by other users.
+
+### User Rating History ###
+{user_history_text}
+
+### Item Rating History by other users ###
+{item_history_text}
+
+### Average Past Ratings ###
+User's Average Rating (all previous ratings): {float(user_average_rating):.1f}
+Item's Average Rating (all ratings by other users): {float(item_average_rating):.1f}
+
+Based on the above information, please predict the user's rating for "{target_title}", (1 being the lowest and 5 being highest, directly give the rating without other content.)
+[Output Format] Predicted Rating: [A rating between 1 and 5]\tGive your reply following the output format without any extra information."""
+    return prompt
+
+
 OFFICIAL_SUMMARY_EXAMPLE = """Task: Summarize the reasons behind the given rating of a Musical Instruments based on the customer review.
 Musical Instruments: Snark SN-5 Tuner
 Rating: 4.0

@@ -14,14 +14,33 @@ EXAMPLES = [to_messages(f"How would user {k} rate the guitar strap number {k}?",
             for k in range(24)]
 
 
+def train(root, tiny_model, output: str, *extra):
+    (root / "sft.pkl").write_bytes(pickle.dumps(EXAMPLES))
+    run("qlora_finetune.py", "--model_path", tiny_model, "--train_data", root / "sft.pkl", "--expert", "test",
+        "--output_dir", root / output, "--num_train_epochs", "4", "--per_device_train_batch_size", "4",
+        "--learning_rate", "3e-3", "--lora_rank", "8", "--lora_alpha", "16", "--tune_last_layer", "true", *extra,
+        env={"REASON4REC_BACKEND": "hf"})
+    return root / output / "final_checkpoint"
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model):
-    root = tmp_path_factory.mktemp("finetune")
-    (root / "sft.pkl").write_bytes(pickle.dumps(EXAMPLES))
-    run("qlora_finetune.py", "--model_path", tiny_model, "--train_data", root / "sft.pkl", "--expert", "test", "--output_dir",
-        root / "out", "--num_train_epochs", "4", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
-        "--lora_rank", "8", "--lora_alpha", "16", "--tune_last_layer", "true", env={"REASON4REC_BACKEND": "hf"})
-    return root / "out" / "final_checkpoint"
+    return train(tmp_path_factory.mktemp("finetune"), tiny_model, "out")
+
+
+def test_the_official_adapter_without_its_trained_lm_head_on_request(trained, tiny_model, tmp_path):
+    """--save_lm_head false: lm_head is trained (the LoRA weights are those of a run that saves it) but left out of the
+    adapter, as the official trainer's published reward model and Predictor were."""
+    from safetensors.torch import load_file
+
+    official = train(tmp_path, tiny_model, "official", "--save_lm_head", "false")
+    ours, theirs = load_file(trained / "adapter_model.safetensors"), load_file(official / "adapter_model.safetensors")
+    assert not any("lm_head" in k for k in theirs) and any("lm_head" in k for k in ours)
+    assert theirs.keys() == {k for k in ours if "lm_head" not in k}
+    assert all((ours[k] - theirs[k]).abs().max() < 1e-6 for k in theirs)
+    assert json.loads((official / "adapter_config.json").read_text())["modules_to_save"] is None
+    questions = [m["messages"][0]["content"] for m in EXAMPLES[:6]]
+    assert np.abs(llm.load_model(official).score(questions) - llm.load_model(trained).score(questions)).max() > 1e-4
 
 
 def test_loss_goes_down_and_the_adapter_changes_the_outputs(trained, tiny_model):
@@ -97,3 +116,24 @@ def test_each_experts_config_holds_the_official_values_and_flags_override_them(c
     _, args, trainer = qlora_finetune.parse(["--config", str(REPO / config), "--learning_rate", "1e-3",
                                              "--lora_rank", "4", "--output_dir", "elsewhere"])
     assert trainer.learning_rate == 1e-3 and args.lora_rank == 4 and trainer.output_dir == "elsewhere"
+
+
+def test_several_processes_keep_the_configured_global_batch(tiny_model, monkeypatch):
+    """NUM_GPUS=N: the configured batch (per device x accumulation, the official one for one GPU) stays the global
+    batch; a process count that cannot split it exactly is refused unless asked for."""
+    import qlora_finetune
+
+    monkeypatch.setenv("MODEL_PATH", tiny_model)
+    monkeypatch.setenv("DATASET", "mi")
+    config = ["--config", str(REPO / "3_Predictor/predictor.yaml")]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _, _, trainer = qlora_finetune.parse(config)
+    assert (trainer.per_device_train_batch_size, trainer.gradient_accumulation_steps) == (8, 1)
+    _, _, trainer = qlora_finetune.parse(config + ["--per_device_train_batch_size", "3",
+                                                   "--gradient_accumulation_steps", "4"])
+    assert (trainer.per_device_train_batch_size, trainer.gradient_accumulation_steps) == (3, 2)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit, match="global batch 16 x 1 cannot be split over 3 processes"):
+        qlora_finetune.parse(config)
+    _, _, trainer = qlora_finetune.parse(config + ["--exact_global_batch", "false"])
+    assert trainer.per_device_train_batch_size == 16

@@ -86,3 +86,24 @@ def test_cache_skips_what_is_done_and_keeps_the_same_answers(model, tmp_path):
     finally:
         m.generate = original
     assert not calls
+
+
+def test_double_bos_reproduces_the_official_logits_weighted_predict(tiny_model):
+    """--double_bos: the official logits_weighted_predict tokenizes the rendered chat text with the tokenizer's own
+    BOS on top of the template's; by default the template's BOS stands alone."""
+    import torch
+
+    official = llm.load_model(tiny_model, double_bos=True)
+    tokenizer = official.tokenizer
+    text = tokenizer.apply_chat_template([{"role": "user", "content": QUESTIONS[0]}], tokenize=False,
+                                         add_generation_prompt=True) + "Predicted Rating: "
+    inputs = tokenizer(text, return_tensors="pt")  # as the official code: special tokens added
+    assert inputs.input_ids[0, 0] == inputs.input_ids[0, 1] == tokenizer.bos_token_id
+    with torch.no_grad():
+        logits = official.model(**inputs).logits[0, -1]
+    probs = torch.softmax(logits[tokenizer.convert_tokens_to_ids(["1", "2", "3", "4", "5"])], dim=0)
+    expected = min(max(float((probs * torch.tensor([1.0, 2, 3, 4, 5])).sum()), 1), 5)
+    assert official.score(QUESTIONS[:1])[0] == pytest.approx(expected, abs=1e-5)
+    single = llm.load_model(tiny_model)
+    assert single.encode([text])[0] == inputs.input_ids[0, 1:].tolist()
+    assert abs(single.score(QUESTIONS[:1])[0] - expected) > 1e-6  # the second BOS changes the numbers

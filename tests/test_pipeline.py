@@ -2,11 +2,14 @@
 slice of the real data: every stage's outputs, the leakage rule, the cache, and resuming from the authors' pickles."""
 import json
 import pickle
+import shutil
 
 import pandas as pd
 
-from conftest import DATASET, FAST, pipeline_env, run
+from conftest import DATASET, FAST, REPO, pipeline_env, run
 from utils import COLUMNS
+
+FIXTURE = REPO / "tests" / "fixtures" / "Music_data"  # the authors' data's form (tests/fixtures/make_authors_data.py)
 
 
 def load(root, name):
@@ -68,30 +71,32 @@ def test_rerunning_a_teacher_step_pays_for_nothing(finished, tiny_model):
 
 
 def test_resume_from_the_authors_pickles(tmp_path, tiny_model):
-    """Users who download the authors' two pickles start at 2_Reasoner/5, as the official README says."""
+    """Users who download the authors' data (pickled by pandas 2.2.2 / numpy 1.26.3, no dataset.json) start at
+    2_Reasoner/5, as the official README says, and end with the evaluation.  Their splits share a (user, item, time)
+    row: refused with the row listed, then left out of the histories on request, for every later step."""
     data = tmp_path / "Data" / "Music_data"
-    (data / "raw_data").mkdir(parents=True)
-    rows = [("u1", "i1", "Album A", 5.0, 100), ("u1", "i2", "Album B", 4.0, 200), ("u2", "i1", "Album A", 3.0, 150),
-            ("u2", "i2", "Album B", 2.0, 250), ("u1", "i3", "Album C", 4.0, 300), ("u2", "i3", "Album C", 1.0, 310)]
-    frame = pd.DataFrame(rows, columns=["user_id", "item_id", "title", "ratings", "unixReviewTime"])
-    frame.insert(4, "reviews", [f"review {k}" for k in range(len(frame))])
-    frame = frame[COLUMNS]
-    summaries = frame.iloc[:4].assign(aspect_preference_summary=[f"Positive Aspects: a{k}" for k in range(4)])
-    summaries.to_pickle(data / "train_summarizer_generation_results.pkl")  # exactly the authors' columns
-    reasons = frame.iloc[[1, 3]].assign(personalized_analysis=["The user likes B.", "The user dislikes B."])
-    reasons.to_pickle(data / "distilling_high_quality_reasons.pkl")
-    frame.iloc[4:].to_pickle(data / "raw_data" / "test.pkl")
+    shutil.copytree(FIXTURE, data)
     env = pipeline_env(tiny_model, DATASET="Music_data")
     gen = ["--max_new_tokens", "8"]
-    run("2_Reasoner/5_construct_reasoner_train_data.py", cwd=tmp_path, env=env)  # no dataset.json with their data
-    assert json.loads((data / "dataset.json").read_text()) == {"product_class": "Digital Music", "max_his": 10}
+    refused = run("2_Reasoner/5_construct_reasoner_train_data.py", cwd=tmp_path, env=env, check=False)
+    assert refused.returncode == 1 and "1 of the test split" in refused.stderr and "user A3, item B0, time 420" in \
+        refused.stderr and "--drop_leaked_history_rows true" in refused.stderr
+    leaked = pd.read_csv(data / "leaked_history_rows.csv")
+    assert leaked[["user_id", "item_id", "unixReviewTime", "split"]].values.tolist() == [["A3", "B0", 420, "test"]]
+    assert not (data / "dataset.json").exists()  # the failed step recorded nothing
+    run("2_Reasoner/5_construct_reasoner_train_data.py", "--drop_leaked_history_rows", "true", cwd=tmp_path, env=env)
+    assert json.loads((data / "dataset.json").read_text()) == {
+        "product_class": "Digital Music", "max_his": 10, "drop_leaked_history_rows": True}
     run("2_Reasoner/6_reasoner_train.sh", "--max_steps", "1", cwd=tmp_path, env=env)
     run("3_Predictor/1_construct_predictor_train_data.py", *gen, cwd=tmp_path, env=env)
     run("3_Predictor/2_predictor_train.sh", "--max_steps", "1", cwd=tmp_path, env=env)
     run("2_Reasoner/7_generate_reason_for_test.py", *gen, cwd=tmp_path, env=env)
     run("3_Predictor/3_generate_predict_for_test.py", cwd=tmp_path, env=env)
+    out = run("3_Predictor/4_evaluate.py", cwd=tmp_path, env=env).stdout
     examples = pickle.loads((data / "Reasoner_train_instruct.pkl").read_bytes())
-    assert [x["messages"][1]["content"] for x in examples] == ["The user likes B.", "The user dislikes B."]
-    assert 'new Digital Music "Album B"' in examples[0]["messages"][0]["content"]
-    assert "1. Album A\nPositive Aspects: a0" in examples[0]["messages"][0]["content"]
+    reasons = pd.read_pickle(FIXTURE / "distilling_high_quality_reasons.pkl")
+    assert [x["messages"][1]["content"] for x in examples] == reasons["personalized_analysis"].tolist()
+    assert 'new Digital Music "Moanin\'"' in examples[0]["messages"][0]["content"]
+    assert "1. Blue Train\nPositive Aspects: Warm Tone" in examples[0]["messages"][0]["content"]
     assert pd.read_pickle(data / "rating_for_test_by_predictor.pkl")["pred"].between(1, 5).all()
+    assert "Reason4Rec (Reasoner + Predictor)" in out

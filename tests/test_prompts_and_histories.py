@@ -3,9 +3,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from official_reference import (OFFICIAL_SUMMARY_EXAMPLE, official_histories, official_rating_prompt,
-                                official_reason_prompt)
-from prompts import rating_prompt, reason_prompt, summary_prompt
+from official_reference import (OFFICIAL_SUMMARY_EXAMPLE, official_direct_prediction_prompt, official_histories,
+                                official_rating_prompt, official_reason_prompt)
+from prompts import direct_prediction_prompt, rating_prompt, reason_prompt, summary_prompt
 from histories import HistoryIndex
 
 
@@ -54,6 +54,7 @@ def test_prompts_are_the_official_text():
             official_reason_prompt("Book", row, log, hint=row.ratings)
         assert rating_prompt("Book", row.title, h) == official_rating_prompt("Book", row, log)
         assert rating_prompt("Book", row.title, h, "It fits.") == official_rating_prompt("Book", row, log, "It fits.")
+        assert direct_prediction_prompt("Book", row.title, h) == official_direct_prediction_prompt("Book", row, log)
 
 
 def test_no_history_shows_na_never_nan():
@@ -88,3 +89,15 @@ def test_a_review_never_appears_in_its_own_history():
     for row in log.itertuples():
         h = index(row.user_id, row.item_id, row.unixReviewTime)
         assert row.aspect_preference_summary not in [r.summary for r in h.user + h.item]
+
+
+def test_histories_from_the_whole_table_when_asked_as_the_authors_original_test_code():
+    """before_target=False (a4fa718's test-time code, its time filter commented out): the latest reviews of the whole
+    table and averages over all of them, whatever the target's time."""
+    log = review_log(n=300, users=4, items=4)
+    index = HistoryIndex(log, max_his=10, before_target=False)
+    row = log.iloc[0]
+    h = index(row.user_id, row.item_id, 0)
+    users = log[log.user_id == row.user_id].sort_values("unixReviewTime", kind="stable")
+    assert [r.summary for r in h.user] == users["aspect_preference_summary"].tail(10).tolist()
+    assert h.user_avg == pytest.approx(users["ratings"].mean()) and h.user_count == len(users)

@@ -22,7 +22,7 @@ GEN = FAST["GEN_ARGS"].split()
 # the teacher.
 LOOPS = [
     ("1_Summarizer/1_distilling_aspect_preference_summary.py", [], "train_aspect_preference_summary.pkl", "teacher"),
-    ("1_Summarizer/4_generate_summary_for_train.py", ["--max_new_tokens", "12", "--batch_size", "2"],
+    ("1_Summarizer/4_summarizer_generation.py", ["--max_new_tokens", "12", "--batch_size", "2"],
      "train_summarizer_generation_results.pkl", "generation"),
     ("2_Reasoner/4_distilling_possible_reason.py", ["--batch_size", "2"], "distilling_high_quality_reasons.pkl",
      "teacher"),
@@ -182,7 +182,7 @@ def test_a_429_storm_that_passes_is_survived(finished, tmp_path, tiny_model):
 STEPS = [  # script, an input it needs, the step that writes that input
     ("1_Summarizer/1_distilling_aspect_preference_summary.py", "raw_data/train.pkl", "Data/prepare_data.py"),
     ("1_Summarizer/2_construct_summarizer_train_data.py", "train_aspect_preference_summary.pkl", "1_Summarizer/1_"),
-    ("1_Summarizer/4_generate_summary_for_train.py", "raw_data/train.pkl", "Data/prepare_data.py"),
+    ("1_Summarizer/4_summarizer_generation.py", "raw_data/train.pkl", "Data/prepare_data.py"),
     ("2_Reasoner/1_sample_train_data.py", "train_summarizer_generation_results.pkl", "1_Summarizer/4_"),
     ("2_Reasoner/2_construct_reward_train_data.py", "review_8000.pkl", "2_Reasoner/1_"),
     ("2_Reasoner/4_distilling_possible_reason.py", "train_12000.pkl", "2_Reasoner/1_"),
@@ -230,7 +230,8 @@ def test_a_history_table_holding_test_reviews_is_refused(finished, tmp_path, tin
     test = pd.read_pickle(data / "raw_data" / "test.pkl").head(1).assign(aspect_preference_summary="leak")
     pd.concat([summaries, test]).to_pickle(data / "train_summarizer_generation_results.pkl")
     result = run("2_Reasoner/7_generate_reason_for_test.py", *GEN, cwd=work, env=pipeline_env(tiny_model), check=False)
-    assert result.returncode == 1 and "1 review(s) of the test split" in result.stderr
+    assert result.returncode == 1
+    assert "holds 1 review(s) that are also in a held-out split (1 of the test split" in result.stderr
 
 
 def test_the_history_index_refuses_an_entry_at_or_after_its_target():

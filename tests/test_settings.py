@@ -29,28 +29,33 @@ def test_a_max_his_other_than_the_recorded_one_is_refused(finished, tmp_path, ti
     run("2_Reasoner/1_sample_train_data.py", "--max_his", "10", cwd=work, env=pipeline_env(tiny_model))
 
 
-def test_authors_data_records_its_product_class_and_max_his_on_first_use(tmp_path):
-    """The authors' datasets come without a dataset.json: the first step records the product class (known from the
-    dataset's name, or --product_class) and the history length; later steps use them, and refuse others."""
+def test_authors_data_records_its_product_class_and_max_his_with_the_first_output(tmp_path):
+    """The authors' datasets come without a dataset.json: the first step that writes an output records the product
+    class (known from the dataset's name, or --product_class) and the history length; later steps use them, and
+    refuse others.  A step that fails before writing anything records nothing."""
     from prompts import HistoryPromptArguments
-    from utils import parse_args
+    from utils import parse_args, write_pickle
 
     folder = tmp_path / "Data" / "Book_data"
     folder.mkdir(parents=True)
     common = ["--dataset", "Book_data", "--data_dir", str(tmp_path / "Data")]
     _, prompt = parse_args(HistoryPromptArguments, args=common)
     assert (prompt.product_class, prompt.max_his) == ("Book", 10)
-    assert json.loads((folder / "dataset.json").read_text()) == {"product_class": "Book", "max_his": 10}
-    _, prompt = parse_args(HistoryPromptArguments, args=common + ["--product_class", "Book"])
+    assert not (folder / "dataset.json").exists()  # nothing written yet: nothing used yet
+    write_pickle([1], folder / "output.pkl")
+    assert json.loads((folder / "dataset.json").read_text()) == {"product_class": "Book", "max_his": 10,
+                                                                 "drop_leaked_history_rows": False}
+    parse_args(HistoryPromptArguments, args=common + ["--product_class", "Book"])
     with pytest.raises(SystemExit, match="--product_class 'Books' differs from the 'Book' recorded"):
         parse_args(HistoryPromptArguments, args=common + ["--product_class", "Books"])
     other = tmp_path / "Data" / "mine"
     other.mkdir()
+    mine = ["--dataset", "mine", "--data_dir", str(tmp_path / "Data")]
     with pytest.raises(SystemExit, match="records no product_class: pass --product_class"):
-        parse_args(HistoryPromptArguments, args=["--dataset", "mine", "--data_dir", str(tmp_path / "Data")])
-    _, prompt = parse_args(HistoryPromptArguments, args=["--dataset", "mine", "--data_dir", str(tmp_path / "Data"),
-                                                         "--product_class", "Gadget", "--max_his", "4"])
-    assert json.loads((other / "dataset.json").read_text()) == {"product_class": "Gadget", "max_his": 4}
+        parse_args(HistoryPromptArguments, args=mine)
+    parse_args(HistoryPromptArguments, args=mine + ["--product_class", "Gadget", "--max_his", "4"])
+    write_pickle([1], other / "output.pkl")
+    assert json.loads((other / "dataset.json").read_text())["max_his"] == 4
 
 
 @pytest.mark.parametrize("script, flag", [
