@@ -126,13 +126,19 @@ def base_of(adapter: str | Path, model_path: str | None = None) -> str:
 
 
 def fingerprint(path: str | Path) -> str:
-    """Identifies a model's weights, so that a cached generation is never reused after retraining."""
+    """Identifies a model's weights, so that a cached answer is reused for the same weights (wherever they lie: a
+    checkpoint and its copy as final_checkpoint share their answers) and never after retraining.  An adapter: the bytes
+    of its weights and of its config (which names its base model); a base model: its folder and its files' sizes and
+    times (hashing gigabytes on every run would cost more than it saves)."""
     path = Path(path)
-    h = hashlib.sha256(str(path.resolve()).encode())
-    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-        if f.stat().st_size < 2**30:  # adapters: hash their bytes; base models: their size and time suffice
-            h.update(f.read_bytes())
-        h.update(f"{f.name}{f.stat().st_size}{f.stat().st_mtime_ns}".encode())
+    h = hashlib.sha256()
+    if (path / "adapter_config.json").exists():
+        for f in sorted(path.glob("adapter_model.*")) + [path / "adapter_config.json"]:
+            h.update(f.name.encode() + f.read_bytes())
+    else:
+        h.update(str(path.resolve()).encode())
+        for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+            h.update(f"{f.name}{f.stat().st_size}{f.stat().st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 
@@ -209,13 +215,15 @@ class Expert:
         return _run_batched(keys, ids, batch_size or self.batch_size, self.cache, desc, compute)
 
     @torch.no_grad()
-    def score(self, questions, *, desc: str = "scoring", batch_size: int | None = None) -> np.ndarray:
+    def score(self, questions, *, desc: str | None = "scoring", batch_size: int | None = None,
+              share: bool = True) -> np.ndarray:
         """The paper's logits-weighted rating: after "Predicted Rating: ", the softmax over the logits of "1".."5",
         its expectation, clipped to [1, 5].  One forward pass per batch, on the model's device.
 
         Batches are padded on the right and run without a padding mask: under the causal mask no real token can see
         the padding after it, so each row is computed as it would be alone (the fast causal attention kernel, and the
-        same numbers), and the logits are read at each row's own last token."""
+        same numbers), and the logits are read at each row's own last token.  `desc` None: no progress bar; `share`:
+        see _run_batched."""
         model, tokenizer = self.model, self.tokenizer
         texts = [chat_text(tokenizer, q, RATING_PREFIX) for q in questions]
         ids = self.encode(texts)
@@ -232,7 +240,8 @@ class Expert:
             expected = probs @ torch.arange(1.0, 6.0, device=probs.device)
             return expected.clamp(1.0, 5.0).tolist()
 
-        return np.array(_run_batched(keys, ids, batch_size or self.batch_size, self.cache, desc, compute), dtype=float)
+        return np.array(_run_batched(keys, ids, batch_size or self.batch_size, self.cache, desc, compute, share),
+                        dtype=float)
 
 
 # ---------------------------------------------------------------------------------------------- batching
@@ -254,19 +263,20 @@ def _pad(tokenizer, ids, side: str):
     return tokenizer.pad({"input_ids": ids}, padding_side=side, return_tensors="pt")
 
 
-def _run_batched(keys, ids, batch_size, cache, desc, compute):
+def _run_batched(keys, ids, batch_size, cache, desc, compute, share: bool = True):
     """Run `compute(batch_ids, batch_index)` over length-sorted batches, skipping batches whose answers are cached and
     committing each new batch to the cache at once.  Returns the answers in input order.
 
     In a data-parallel run (parallel.py) process k takes batches k, k + N, k + 2N, ... of the batches a single
-    process would form (so that every answer is the one a single run computes), and the answers are gathered."""
+    process would form (so that every answer is the one a single run computes), and the answers are gathered; with
+    `share` false each process does all of its own inputs (GRPO's rewards: every process has its own)."""
     found = cache.get_many(keys) if cache is not None else {}
     results = [found.get(k) for k in keys]
-    rank, world = parallel.rank(), parallel.world_size()
+    rank, world = (parallel.rank(), parallel.world_size()) if share else (0, 1)
     mine = batches([len(x) for x in ids], batch_size)[rank::world]
     todo = [b for b in mine if any(results[i] is None for i in b)]
     with tqdm(total=sum(map(len, mine)), initial=sum(map(len, mine)) - sum(map(len, todo)), desc=desc,
-              unit="prompt", disable=rank != 0) as bar:
+              unit="prompt", disable=rank != 0 or desc is None) as bar:
         for b in todo:
             answers = compute([ids[i] for i in b], b[0])
             for i, answer in zip(b, answers):
@@ -275,7 +285,9 @@ def _run_batched(keys, ids, batch_size, cache, desc, compute):
                 cache.put_many({keys[i]: results[i] for i in b})
             bar.update(len(b))
     if world > 1:
-        print(f"{desc}: process {rank} of {world} computed {sum(map(len, todo))} of {len(keys)} prompts", flush=True)
+        if desc is not None:
+            print(f"{desc}: process {rank} of {world} computed {sum(map(len, todo))} of {len(keys)} prompts",
+                  flush=True)
         for i, answer in parallel.gather([(i, results[i]) for b in mine for i in b]):
             results[i] = answer
     return results

@@ -63,3 +63,9 @@ def broadcast(obj):
 
     _state()
     return broadcast_object_list([obj])[0]
+
+
+def barrier():
+    """Wait until every process is here."""
+    if world_size() > 1:
+        _state().wait_for_everyone()

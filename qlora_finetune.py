@@ -7,26 +7,28 @@ script with it; any flag given on the command line (ours, or any of TRL's SFTCon
 paper: QLoRA (4-bit base, Unsloth where installed) on q,k,v,o,gate,up,down, bf16, adamw_8bit, seed 42, loss on the
 answer only; on a machine without a CUDA GPU the defaults become plain LoRA, float32 and adamw_torch.
 
-Reads <data_dir>/<dataset>/<train_data>; writes <checkpoint_dir>/<dataset>/<expert>/ (or --output_dir, or
-$OUTPUT_DIR): a checkpoint per epoch, then final_checkpoint/ (the adapter, the tokenizer, log_history.json and
-provenance.json).  An interrupted run resumes from its last complete checkpoint when rerun as the same job (see
-JOB_SETTINGS); a different job in the same folder is refused, and no checkpoint is ever deleted.
-NUM_GPUS=N trains data-parallel on N GPUs (parallel.py), keeping the configured global batch.
+Reads <data_dir>/<dataset>/<train_data> (and <valid_data>); writes <checkpoint_dir>/<dataset>/<expert>/ (or
+--output_dir, or $OUTPUT_DIR): a checkpoint per epoch, then final_checkpoint/ (the adapter, the tokenizer,
+log_history.json, selection.json and provenance.json).  A rating expert (reward model, Predictor) keeps the checkpoint
+with the best validation MAE (training.finish); the others their final state.  An interrupted run resumes from its
+last complete checkpoint when rerun as the same job (see JOB_SETTINGS); a different job in the same folder is refused,
+and no checkpoint is ever deleted.  NUM_GPUS=N trains data-parallel on N GPUs (parallel.py), keeping the configured
+global batch.
 """
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import llm  # first: it imports Unsloth, where installed, before transformers
 import parallel
-import torch
 from datasets import Dataset
-from transformers import TrainerCallback, set_seed
-from trl import SFTConfig, SFTTrainer, TrlParser
+from transformers import set_seed
+from trl import SFTConfig, SFTTrainer
 
-from utils import DataArguments, fail, provenance, read_json, read_pickle, sha256, write_json
+import training
+from training import ShowBatch, finish, global_batch, keep_global_batch, rating_mae, resumable_checkpoint
+from utils import DataArguments, fail, provenance, read_pickle, sha256
 
 
 @dataclass
@@ -51,6 +53,12 @@ class FinetuneArguments:
         "help": "false: train lm_head but leave it out of the saved adapter, as the official trainer did (its "
                 "published reward model and Predictor were used that way)"})
     mask_loss: bool = field(default=True, metadata={"help": "loss on the assistant's answer only"})
+    valid_data: str | None = field(default=None, metadata={
+        "help": "rating examples of the validation rows, under <data_dir>/<dataset>: every checkpoint is scored on them "
+                "(the MAE of its rating) and the best is kept (see --select_on_valid)"})
+    select_on_valid: bool = field(default=True, metadata={
+        "help": "keep the checkpoint with the best validation metric (this project's choice); false: the final "
+                "state, as the official code"})
     exact_global_batch: bool = field(default=True, metadata={
         "help": "with NUM_GPUS > 1, refuse a process count that cannot keep the configured global batch exactly"})
 
@@ -61,13 +69,6 @@ JOB_SETTINGS = ("train_data_sha256", "examples", "model_path", "lora_rank", "lor
                 "target_modules", "tune_last_layer", "load_in_4bit", "learning_rate", "lr_scheduler_type",
                 "warmup_steps", "weight_decay", "optim", "global_batch", "seed", "num_train_epochs", "max_steps",
                 "max_len", "mask_loss")
-
-
-def hardware_defaults() -> dict:
-    """The paper's precision and optimizer where there is a GPU; what a CPU can run elsewhere."""
-    if torch.cuda.is_available():
-        return dict(bf16=torch.cuda.is_bf16_supported(), fp16=not torch.cuda.is_bf16_supported(), optim="adamw_8bit")
-    return dict(bf16=False, fp16=False, optim="adamw_torch")
 
 
 def load_for_training(args: FinetuneArguments, config: SFTConfig):
@@ -99,10 +100,7 @@ def to_dataset(examples: list, mask_loss: bool) -> Dataset:
 
 
 def parse(argv=None):
-    parser = TrlParser((DataArguments, FinetuneArguments, SFTConfig))
-    parser.set_defaults(**hardware_defaults(), seed=42, report_to="none", save_strategy="epoch", logging_steps=1,
-                        output_dir=os.environ.get("OUTPUT_DIR", ""))
-    data, args, config = parser.parse_args_and_config(argv)
+    data, args, config = training.parse((FinetuneArguments, SFTConfig), argv, save_strategy="epoch")
     if not args.model_path or not Path(args.model_path, "config.json").exists():
         fail(f"--model_path {args.model_path!r} is not a model folder (set MODEL_PATH or pass --model_path)")
     args.model_path = str(Path(args.model_path).resolve())  # recorded in the adapter as its base model
@@ -113,87 +111,39 @@ def parse(argv=None):
     config.max_length = args.max_len
     config.completion_only_loss = args.mask_loss
     config.dataset_num_proc = None
-    keep_global_batch(args, config)
+    keep_global_batch(config, args.exact_global_batch)
     return data, args, config
 
 
-def keep_global_batch(args: FinetuneArguments, config: SFTConfig):
-    """The configured batch (per-device batch x gradient accumulation, the official values for one GPU) is the global
-    batch: with N processes each takes 1/N of it, by dividing the per-device batch or else the accumulation."""
-    n, per_device, accumulation = parallel.world_size(), config.per_device_train_batch_size, \
-        config.gradient_accumulation_steps
-    if n == 1:
-        return
-    if per_device % n == 0:
-        config.per_device_train_batch_size = per_device // n
-    elif accumulation % n == 0:
-        config.gradient_accumulation_steps = accumulation // n
-    elif args.exact_global_batch:
-        fail(f"the global batch {per_device} x {accumulation} cannot be split over {n} processes; pass "
-             f"--per_device_train_batch_size / --gradient_accumulation_steps that can, or --exact_global_batch false "
-             f"to train with {per_device * accumulation * n} per step")
+def data_path(data: DataArguments, name: str) -> Path:
+    """A file name under <data_dir>/<dataset>, or a path."""
+    return Path(name) if "/" in name else data.file(name)
 
 
 def job_of(args: FinetuneArguments, config: SFTConfig, examples: list, data_file: Path) -> dict:
     settings = {**asdict(args), **config.to_dict(), "load_in_4bit": llm.use_4bit(args.load_in_4bit),
-                "train_data_sha256": sha256(data_file), "examples": len(examples),
-                "global_batch": config.per_device_train_batch_size * config.gradient_accumulation_steps
-                * parallel.world_size()}
+                "train_data_sha256": sha256(data_file), "examples": len(examples), "global_batch": global_batch(config)}
     return {name: settings[name] for name in JOB_SETTINGS}
-
-
-def resumable_checkpoint(output: Path, job: dict):
-    """The last complete checkpoint of an interrupted run of this very job, else None.  Checkpoints of another job
-    stop the run (they are the user's, and never deleted); one cut short by the interruption (transformers writes
-    trainer_state.json last) is skipped."""
-    checkpoints = sorted(output.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    record = output / "job.json"
-    if checkpoints:
-        earlier = read_json(record) if record.exists() else None
-        if earlier != job:
-            differing = "unknown: it has no job.json" if earlier is None else ", ".join(
-                f"{k} {earlier.get(k)!r} -> {job[k]!r}" for k in JOB_SETTINGS if earlier.get(k) != job[k])
-            fail(f"{output} holds checkpoints of another training job (what differs: {differing}). They are kept. "
-                 f"To resume that job, rerun it with its own settings; to train this one, give it another folder "
-                 f"(OUTPUT_DIR=... or --output_dir ...), or move {output} away.")
-    complete = [c for c in checkpoints if _is_complete(c)]
-    for c in checkpoints:
-        if c not in complete:
-            print(f"skipping {c}: it was cut short (no trainer_state.json)")
-    if complete:
-        print(f"resuming from {complete[-1]}")
-        return str(complete[-1])
-    write_json(job, record)
-    return None
-
-
-def _is_complete(checkpoint: Path) -> bool:
-    try:
-        json.loads((checkpoint / "trainer_state.json").read_text())
-        return True
-    except (OSError, ValueError):
-        return False
-
-
-class ShowBatch(TrainerCallback):
-    """Print what the trainer really uses (Unsloth may change the accumulation by itself)."""
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            print(f"training: global batch {args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size}"
-                  f" = {args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation"
-                  f" x {args.world_size} processes; {state.max_steps} steps", flush=True)
 
 
 def main():
     parallel.relaunch()
     data, args, config = parse()
-    data_file = Path(args.train_data) if "/" in args.train_data else data.file(args.train_data)
+    data_file = data_path(data, args.train_data)
     examples = read_pickle(data_file, what="messages")
     if data.limit is not None:
         examples = examples[: data.limit]
     if not examples:
         fail(f"{data_file} holds no training examples")
+    metric, metric_name, inputs = None, None, [data_file]  # the validation metric, checked before any training
+    if args.valid_data and args.select_on_valid:
+        valid_file = data_path(data, args.valid_data)
+        if not valid_file.exists() and not data.file("raw_data/valid.pkl").exists():
+            fail(f"{valid_file} not found, and the dataset has no validation split to make it from: pass "
+                 f"--select_on_valid false to keep the final state")
+        metric, metric_name = rating_mae(data, valid_file, load_in_4bit=args.load_in_4bit,
+                                         batch_size=config.per_device_eval_batch_size)
+        inputs.append(valid_file)
     output = Path(config.output_dir)
     job = job_of(args, config, examples, data_file)
     print(json.dumps({"finetune": asdict(args), "backend": llm.backend(), "examples": len(examples),
@@ -205,34 +155,11 @@ def main():
     trainer = SFTTrainer(model=model, args=config, train_dataset=to_dataset(examples, args.mask_loss),
                          processing_class=tokenizer, peft_config=lora, callbacks=[ShowBatch()])
     trainer.train(resume_from_checkpoint=resume)
-    if parallel.is_main_process():
-        save(trainer, tokenizer, output, args.save_lm_head, provenance(
-            {"job": job, "finetune": asdict(args), "backend": llm.backend(), "loaded_in_4bit": llm.loaded_in_4bit(model)},
-            [data_file]))
 
-
-def save(trainer, tokenizer, output: Path, save_lm_head: bool, record: dict):
-    """The adapter, its tokenizer, the training log and the provenance, into <output>/final_checkpoint at once."""
-    final, tmp = output / "final_checkpoint", output / ".final_checkpoint.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    write_json(trainer.state.log_history, tmp / "log_history.json")
-    write_json(record, tmp / "provenance.json")
-    config_file = tmp / "adapter_config.json"  # PEFT writes target_modules in set order: sort it, for equal bytes
-    adapter_config = json.loads(config_file.read_text())
-    if isinstance(adapter_config.get("target_modules"), list):
-        adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
-    if not save_lm_head and adapter_config.get("modules_to_save"):  # the official trainer's adapters: LoRA only
-        from safetensors.torch import load_file, save_file
-
-        weights = tmp / "adapter_model.safetensors"
-        save_file({k: v for k, v in load_file(weights).items() if "lm_head" not in k}, weights, metadata={"format": "pt"})
-        adapter_config["modules_to_save"] = None
-    write_json(adapter_config, config_file)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    print(f"saved the adapter to {final}")
+    record = provenance({"job": job, "finetune": asdict(args), "backend": llm.backend(),
+                         "loaded_in_4bit": llm.loaded_in_4bit(model)}, inputs)
+    finish(trainer, tokenizer, output, record, metric=metric, metric_name=metric_name,
+           select_on_valid=args.select_on_valid, save_lm_head=args.save_lm_head)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""The paper's reason filter (2_Reasoner/4): keep a teacher's reason only if it helps the reward model.
+"""How reasons are judged: the paper's reason filter (2_Reasoner/4), and the GRPO reward (4_GRPO/1).
+
+The filter keeps a teacher's reason only if it helps the reward model.
 
 For every target the reward model predicts the rating once without a reason.  The teacher writes one reason; it is
 kept if it brings the reward model's prediction closer to the truth:
@@ -58,3 +60,13 @@ def keep_helpful_reasons(truth, without, ask, score, tau=TAU, max_sample_num=MAX
     report.update(kept=len(kept), dropped=len(truth) - len(kept), first_try_rate=first / n,
                   after_hints_rate=(len(kept) - first) / n, dropped_rate=(len(truth) - len(kept)) / n)
     return kept, report
+
+
+def grpo_reward(predicted, truth, reasons, cut_off, forbidden_penalty: float = 1.0, cutoff_penalty: float = 1.0):
+    """The GRPO reward of each sampled reason (4_GRPO/1): minus the frozen Predictor's absolute error given the reason
+    (the GRPO fork's reward), minus `forbidden_penalty` where the reason gives the rating away (as the filter's
+    hinted retries are judged) and `cutoff_penalty` where it is empty or was cut off (`cut_off[i]`)."""
+    forbidden = np.array([gives_rating_away(r) for r in reasons], dtype=bool)
+    cut = np.array([bool(c) or not r.strip() for r, c in zip(reasons, cut_off)], dtype=bool)
+    error = np.abs(np.asarray(predicted, dtype=float) - np.asarray(truth, dtype=float))
+    return -error - forbidden_penalty * forbidden - cutoff_penalty * cut, forbidden, cut

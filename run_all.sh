@@ -10,7 +10,8 @@
 #
 # Extra arguments per kind of step, from the environment (empty unless the demo sets them):
 #   DATA_ARGS (every Python step, e.g. --data_dir X), TRAIN_ARGS (every *_train.sh), GEN_ARGS (generating and
-#   scoring steps), SUMMARY_ARGS (1_Summarizer/1), SAMPLE_ARGS (2_Reasoner/1), DISTILL_ARGS (2_Reasoner/4).
+#   scoring steps), SUMMARY_ARGS (1_Summarizer/1), SAMPLE_ARGS (2_Reasoner/1), DISTILL_ARGS (2_Reasoner/4),
+#   GRPO_ARGS (4_GRPO/1_reasoner_grpo_train.sh).
 # Settings that shape prompts (the product class, the history length) are recorded in Data/<dataset>/dataset.json
 # when the data is prepared (the demo: PREPARE_ARGS="--max_his 5"), and every step uses them.
 # Data/ and checkpoints/ are read and written under the current folder, as by every step.  STEP_LOG=file appends a
@@ -30,7 +31,8 @@ if [ -z "${DATASET:-}" ]; then
     SUMMARY_ARGS="${SUMMARY_ARGS-"--sample 24"}"
     DISTILL_ARGS="${DISTILL_ARGS-"--max_sample_num 2"}"
     GEN_ARGS="${GEN_ARGS-"--max_new_tokens 64 --batch_size 16"}"
-    TRAIN_ARGS="${TRAIN_ARGS-"--num_train_epochs 1 --max_steps 4 --per_device_train_batch_size 4 --warmup_steps 0"}"
+    TRAIN_ARGS="${TRAIN_ARGS-"--num_train_epochs 1 --max_steps 4 --per_device_train_batch_size 4 --warmup_steps 0 --save_strategy steps --save_steps 2"}"
+    GRPO_ARGS="${GRPO_ARGS-"--max_steps 2 --num_generations 4 --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --max_completion_length 64 --mask_truncated_completions false --save_strategy steps --save_steps 1 --per_device_eval_batch_size 16"}"
     DEMO=1
 fi
 : "${MODEL_PATH:?set MODEL_PATH to the base model folder}"
@@ -80,12 +82,20 @@ step "Reasoner 4: distill and filter reasons" python "$R/2_Reasoner/4_distilling
 step "Reasoner 5: SFT data"                   python "$R/2_Reasoner/5_construct_reasoner_train_data.py" ${DATA_ARGS:-}
 step "Reasoner 6: train"                      bash "$R/2_Reasoner/6_reasoner_train.sh" ${TRAIN_ARGS:-} ${DATA_ARGS:-}
 step "Reasoner 7: reasons for the test set"   python "$R/2_Reasoner/7_generate_reason_for_test.py" ${GEN_ARGS:-} ${DATA_ARGS:-}
+step "Reasoner 7: reasons for the validation rows" python "$R/2_Reasoner/7_generate_reason_for_test.py" --split valid ${GEN_ARGS:-} ${DATA_ARGS:-}
 step "Predictor 1: SFT data"                  python "$R/3_Predictor/1_construct_predictor_train_data.py" ${GEN_ARGS:-} ${DATA_ARGS:-}
 step "Predictor 1: SFT data, no reason"       python "$R/3_Predictor/1_construct_predictor_train_data.py" --no_reason ${DATA_ARGS:-}
 step "Predictor 2: train"                     bash "$R/3_Predictor/2_predictor_train.sh" ${TRAIN_ARGS:-} ${DATA_ARGS:-}
 step "Predictor 2: train, no reason"          env NAME=Direct_Predictor bash "$R/3_Predictor/2_predictor_train.sh" ${TRAIN_ARGS:-} ${DATA_ARGS:-}
-step "Predictor 3: rate the test set"         python "$R/3_Predictor/3_generate_predict_for_test.py" ${GEN_ARGS:-} ${DATA_ARGS:-}
-step "Predictor 3: rate the test set, no reason" python "$R/3_Predictor/3_generate_predict_for_test.py" --no_reason ${GEN_ARGS:-} ${DATA_ARGS:-}
-step "Predictor 4: evaluate"                  python "$R/3_Predictor/4_evaluate.py" ${DATA_ARGS:-}
+for split in valid test; do
+step "Predictor 3: rate the $split rows"      python "$R/3_Predictor/3_generate_predict_for_test.py" --split $split ${GEN_ARGS:-} ${DATA_ARGS:-}
+step "Predictor 3: rate the $split rows, no reason" python "$R/3_Predictor/3_generate_predict_for_test.py" --no_reason --split $split ${GEN_ARGS:-} ${DATA_ARGS:-}
+done
+step "GRPO 1: refine the Reasoner"            bash "$R/4_GRPO/1_reasoner_grpo_train.sh" ${GRPO_ARGS:-} ${DATA_ARGS:-}
+for split in valid test; do
+step "GRPO 2: reasons for the $split rows"    python "$R/4_GRPO/2_generate_reason_for_test.py" --split $split ${GEN_ARGS:-} ${DATA_ARGS:-}
+step "GRPO 3: rate the $split rows"           python "$R/4_GRPO/3_generate_predict_for_test.py" --split $split ${GEN_ARGS:-} ${DATA_ARGS:-}
+done
+step "Evaluate: ratings"                      python "$R/3_Predictor/4_evaluate.py" ${DATA_ARGS:-}
 }
 echo; echo "run_all: all $step_number steps done in $((SECONDS - started)) s"

@@ -37,18 +37,47 @@ PRODUCERS = {
     "review_8000.pkl": "2_Reasoner/1_sample_train_data.py",
     "train_12000.pkl": "2_Reasoner/1_sample_train_data.py",
     "review_train_data.pkl": "2_Reasoner/2_construct_reward_train_data.py",
+    "review_valid_data.pkl": "2_Reasoner/2_construct_reward_train_data.py",
     "reason_reward_model": "2_Reasoner/3_reward_model_train.sh",
     "distilling_high_quality_reasons.pkl": "2_Reasoner/4_distilling_possible_reason.py",
     "Reasoner_train_instruct.pkl": "2_Reasoner/5_construct_reasoner_train_data.py",
     "Reasoner": "2_Reasoner/6_reasoner_train.sh",
     "reason_for_test_by_reasoner.pkl": "2_Reasoner/7_generate_reason_for_test.py",
+    "reason_for_valid_by_reasoner.pkl": "2_Reasoner/7_generate_reason_for_test.py --split valid",
     "Predictor_train_instruct.pkl": "3_Predictor/1_construct_predictor_train_data.py",
+    "Predictor_valid_instruct.pkl": "3_Predictor/1_construct_predictor_train_data.py",
     "Direct_Predictor_train_instruct.pkl": "3_Predictor/1_construct_predictor_train_data.py --no_reason",
+    "Direct_Predictor_valid_instruct.pkl": "3_Predictor/1_construct_predictor_train_data.py --no_reason",
     "Predictor": "3_Predictor/2_predictor_train.sh",
     "Direct_Predictor": "NAME=Direct_Predictor bash 3_Predictor/2_predictor_train.sh",
     "rating_for_test_by_predictor.pkl": "3_Predictor/3_generate_predict_for_test.py",
+    "rating_for_valid_by_predictor.pkl": "3_Predictor/3_generate_predict_for_test.py --split valid",
     "rating_for_test_direct.pkl": "3_Predictor/3_generate_predict_for_test.py --no_reason",
+    "rating_for_valid_direct.pkl": "3_Predictor/3_generate_predict_for_test.py --no_reason --split valid",
+    "Reasoner_GRPO": "4_GRPO/1_reasoner_grpo_train.sh",
+    "reason_for_test_by_reasoner_grpo.pkl": "4_GRPO/2_generate_reason_for_test.py",
+    "reason_for_valid_by_reasoner_grpo.pkl": "4_GRPO/2_generate_reason_for_test.py --split valid",
+    "rating_for_test_by_predictor_grpo.pkl": "4_GRPO/3_generate_predict_for_test.py",
+    "rating_for_valid_by_predictor_grpo.pkl": "4_GRPO/3_generate_predict_for_test.py --split valid",
 }
+
+
+REASONERS = ("Reasoner", "Reasoner_GRPO")  # the SFT Reasoner (2_Reasoner) and its GRPO refinement (4_GRPO)
+
+
+def reasons_file(split: str, reasoner: str = "Reasoner") -> str:
+    """Where a Reasoner's reasons for the test (or validation) targets go: reason_for_test_by_reasoner[_grpo].pkl."""
+    if reasoner not in REASONERS:
+        fail(f"--reasoner must be one of {', '.join(REASONERS)}, not {reasoner!r}")
+    return f"reason_for_{split}_by_{reasoner.lower()}.pkl"
+
+
+def ratings_file(split: str, reasoner: str | None = "Reasoner") -> str:
+    """Where the Predictor's ratings given a Reasoner's reasons go (rating_for_test_by_predictor[_grpo].pkl), or, for
+    `reasoner` None, the direct-prediction ablation's (rating_for_test_direct.pkl)."""
+    if reasoner is None:
+        return f"rating_for_{split}_direct.pkl"
+    return reasons_file(split, reasoner).replace("reason_for_", "rating_for_").replace("_by_reasoner", "_by_predictor")
 
 
 def fail(message: str):
@@ -108,15 +137,22 @@ def parse_args(*dataclass_types, args=None, data_parallel: bool = False):
     *parsed, unknown = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
     if unknown:
         fail(f"{Path(sys.argv[0]).name} does not take {' '.join(unknown)}; --help lists what it takes")
-    for obj in parsed[1:]:
-        _resolve_recorded(parsed[0], obj)
+    resolve_recorded(parsed[0], *parsed[1:])
     return parsed
 
 
 _pending_records: dict[Path, dict] = {}  # settings to record, written with the step's first output pickle
 
 
+def resolve_recorded(data: DataArguments, *objs):
+    """Fill in the recorded settings (see `recorded`) of the parsed dataclasses `objs`."""
+    for obj in objs:
+        _resolve_recorded(data, obj)
+
+
 def _resolve_recorded(data: DataArguments, obj):
+    if not any(isinstance(f.default, Recorded) for f in fields(obj)):
+        return
     path = data.file("dataset.json")
     info = {**(read_json(path) if path.exists() else {}), **_pending_records.get(path, {})}
     new = {}
@@ -145,6 +181,28 @@ def _write_pending_records():
         path, new = _pending_records.popitem()
         write_json({**(read_json(path) if path.exists() else {}), **new}, path)
         print(f"recorded {', '.join(f'{k}={v!r}' for k, v in new.items())} in {path}")
+
+
+@dataclass
+class ValidArguments:
+    eval_limit: int | None = recorded(1000, help="validation rows used for every model choice: a fixed random subset "
+                                                 "(seed 0) of raw_data/valid.pkl, in file order")
+
+
+@dataclass
+class SplitArguments(ValidArguments):
+    split: str = field(default="test", metadata={"help": "test, or valid (the validation rows: see --eval_limit)"})
+
+
+def read_split(args: DataArguments, split: str, eval_limit: int) -> pd.DataFrame:
+    """The test set, or the validation rows that every model choice is made on (raw_data/valid.pkl, at most
+    `eval_limit` of them: a fixed random subset, kept in file order).  --limit / --sample apply after."""
+    if split not in ("test", "valid"):
+        fail(f"--split must be test or valid, not {split!r}")
+    rows = read_table(args, f"raw_data/{split}.pkl", limit=False)
+    if split == "valid" and len(rows) > eval_limit:
+        rows = rows.sample(eval_limit, random_state=0).sort_index().reset_index(drop=True)
+    return limited(args, rows)
 
 
 def require_model(path: str | Path) -> str:
@@ -193,11 +251,16 @@ def read_pickle(path: str | Path, columns=(), what="table"):
 def read_table(args: DataArguments, name: str, columns=COLUMNS, limit=True) -> pd.DataFrame:
     """Read `Data/<dataset>/<name>`, check its columns, and apply --sample, then --limit (unless `limit` is False)."""
     df = read_pickle(args.file(name), columns)
-    if limit and args.sample is not None:
+    return limited(args, df) if limit else df.reset_index(drop=True)
+
+
+def limited(args: DataArguments, df: pd.DataFrame) -> pd.DataFrame:
+    """--sample (a random sample, in the sampled order), then --limit (the first N rows)."""
+    if args.sample is not None:
         if args.sample > len(df):
-            print(f"--sample {args.sample}: {args.file(name)} has only {len(df):,} rows; taking them all, shuffled")
+            print(f"--sample {args.sample}: only {len(df):,} rows; taking them all, shuffled")
         df = df.sample(min(args.sample, len(df)), random_state=args.sample_seed)
-    if limit and args.limit is not None:
+    if args.limit is not None:
         df = df.iloc[: args.limit]
     return df.reset_index(drop=True)
 
@@ -207,6 +270,35 @@ def read_json(path: str | Path) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         fail(f"{path} cannot be read ({type(e).__name__}: {e}); repair or delete it.")
+
+
+def matched(rows: pd.DataFrame, other: pd.DataFrame, column: str):
+    """`other[column]` for each of `rows`, matched on (user, item, time) (and the order among equal keys), as an
+    array; None if `other` does not cover exactly these rows.  Missing values in `column` are kept as they are."""
+    key = ["user_id", "item_id", "unixReviewTime"]
+
+    def keyed(df):
+        return df[key].assign(nth=df.groupby(key).cumcount().to_numpy())
+
+    if len(other) != len(rows):
+        return None
+    joined = keyed(rows).merge(keyed(other).assign(value=other[column].to_numpy()), how="left", on=key + ["nth"],
+                               indicator=True)
+    return None if (joined["_merge"] != "both").any() else joined["value"].to_numpy()
+
+
+def paired_interval(differences, seed: int = 0) -> tuple[float, float]:
+    """The 95% interval of the mean of per-row differences between two methods on the same rows: a percentile
+    bootstrap over the rows, 10,000 resamples, fixed seed (so reruns give the same interval)."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    differences = np.asarray(differences, dtype=float)
+    if len(differences) < 2:
+        return float("nan"), float("nan")
+    low, high = bootstrap((differences,), np.mean, n_resamples=10_000, method="percentile",
+                          rng=np.random.default_rng(seed)).confidence_interval
+    return float(low), float(high)
 
 
 # ---------------------------------------------------------------------------------------------- writing files

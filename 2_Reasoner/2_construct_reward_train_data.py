@@ -1,12 +1,13 @@
 """Stage 2, step 2: SFT data for the reward model: the histories (with ratings and averages) plus the target's
-real review as the analysis -> "Predicted Rating: x.0".
+real review as the analysis -> "Predicted Rating: x.0"; and the same for the validation rows, on which the reward
+model's trainer picks its best checkpoint.
 
 The official script reads the teacher's summaries (column review_summary) but asks for aspect_preference_summary,
 and dies.  The reward model later scores prompts whose histories show the Summarizer's summaries, so it is trained
 on those too.
 
-reads   Data/<dataset>/review_8000.pkl, train_summarizer_generation_results.pkl
-writes  Data/<dataset>/review_train_data.pkl
+reads   Data/<dataset>/review_8000.pkl, raw_data/valid.pkl, train_summarizer_generation_results.pkl
+writes  Data/<dataset>/review_train_data.pkl, review_valid_data.pkl
 """
 import sys
 from pathlib import Path
@@ -14,14 +15,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: utils, prompts
 
 from histories import load_histories
-from prompts import HistoryPromptArguments, rating_answer, rating_prompt, to_messages
-from utils import parse_args, read_table, write_pickle
+from prompts import TestPromptArguments, rating_answer, rating_prompt, to_messages
+from utils import ValidArguments, parse_args, read_split, read_table, write_pickle
 
-args, prompt = parse_args(HistoryPromptArguments)
-targets = read_table(args, "review_8000.pkl")
-histories = load_histories(args, prompt)
+args, prompt, valid = parse_args(TestPromptArguments, ValidArguments)
 
-examples = [to_messages(rating_prompt(prompt.product_class, t.title, histories(t.user_id, t.item_id, t.unixReviewTime),
+
+def examples(rows, histories):
+    return [to_messages(rating_prompt(prompt.product_class, t.title, histories(t.user_id, t.item_id, t.unixReviewTime),
                                       analysis=t.reviews), rating_answer(t.ratings))
-            for t in targets.itertuples()]
-write_pickle(examples, args.file("review_train_data.pkl"))
+            for t in rows.itertuples()]
+
+
+write_pickle(examples(read_table(args, "review_8000.pkl"), load_histories(args, prompt)),
+             args.file("review_train_data.pkl"))
+if args.file("raw_data/valid.pkl").exists():  # histories as the test set's
+    write_pickle(examples(read_split(args, "valid", valid.eval_limit),
+                          load_histories(args, prompt, prompt.test_history_before_target)),
+                 args.file("review_valid_data.pkl"))

@@ -8,9 +8,13 @@
 step3_construct_direct_rating_train.ipynb): by default all of train_12000.pkl, their prompt without an analysis
 (prompts.direct_prediction_prompt), no Reasoner needed -> Direct_Predictor_train_instruct.pkl.
 
+Also the validation examples the trainer picks its best checkpoint on: the validation rows with the Reasoner's
+reasons for them (2_Reasoner/7 --split valid), or without a reason for the ablation.
+
 reads   Data/<dataset>/distilling_high_quality_reasons.pkl (or train_12000.pkl), train_summarizer_generation_results.pkl,
-        the Reasoner
-writes  Data/<dataset>/Predictor_train_instruct.pkl  (or Direct_Predictor_train_instruct.pkl)
+        the Reasoner, reason_for_valid_by_reasoner.pkl (or raw_data/valid.pkl)
+writes  Data/<dataset>/Predictor_train_instruct.pkl, Predictor_valid_instruct.pkl
+        (or Direct_Predictor_train_instruct.pkl, Direct_Predictor_valid_instruct.pkl)
 """
 import sys
 from dataclasses import dataclass, field
@@ -20,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from histories import load_histories
 from llm import ModelArguments, load_expert
-from prompts import (HistoryPromptArguments, direct_prediction_prompt, rating_answer, rating_prompt, reason_prompt,
+from prompts import (TestPromptArguments, direct_prediction_prompt, rating_answer, rating_prompt, reason_prompt,
                      to_messages)
-from utils import fail, parse_args, read_table, write_pickle
+from utils import COLUMNS, ValidArguments, fail, parse_args, read_split, read_table, reasons_file, write_pickle
 
 TARGETS = {"kept": "distilling_high_quality_reasons.pkl", "all": "train_12000.pkl"}
 
@@ -34,22 +38,35 @@ class PredictorDataArguments:
         "help": "kept (official HEAD; the default with a reason) or all (a4fa718; the default with --no_reason)"})
 
 
-args, prompt, model_args, predictor = parse_args(HistoryPromptArguments, ModelArguments, PredictorDataArguments,
-                                                 data_parallel=True)
+args, prompt, valid, model_args, predictor = parse_args(TestPromptArguments, ValidArguments, ModelArguments,
+                                                        PredictorDataArguments, data_parallel=True)
+name = "Direct_Predictor" if predictor.no_reason else "Predictor"
 targets_kind = predictor.targets or ("all" if predictor.no_reason else "kept")
 if targets_kind not in TARGETS:
     fail(f"--targets must be kept or all, not {targets_kind!r}")
+
+
+def examples(rows, contexts, analyses=None) -> list:
+    """Rating prompts (with the analyses, or the ablation's without) -> "Predicted Rating: x.0"."""
+    if predictor.no_reason:
+        questions = [direct_prediction_prompt(prompt.product_class, t, h) for t, h in zip(rows.title, contexts)]
+    else:
+        questions = [rating_prompt(prompt.product_class, t, h, a) for t, h, a in zip(rows.title, contexts, analyses)]
+    return [to_messages(q, rating_answer(r)) for q, r in zip(questions, rows.ratings)]
+
+
 targets = read_table(args, TARGETS[targets_kind])
 contexts = load_histories(args, prompt).for_rows(targets)
-
-if predictor.no_reason:
-    questions = [direct_prediction_prompt(prompt.product_class, t, h) for t, h in zip(targets.title, contexts)]
-else:
+analyses = None
+if not predictor.no_reason:
     reasoner = load_expert(args, model_args, "Reasoner")
     analyses = reasoner.generate([reason_prompt(prompt.product_class, t, h) for t, h in zip(targets.title, contexts)],
                                  desc="Reasoner")
-    questions = [rating_prompt(prompt.product_class, t, h, a) for t, h, a in zip(targets.title, contexts, analyses)]
+write_pickle(examples(targets, contexts, analyses), args.file(f"{name}_train_instruct.pkl"))
 
-examples = [to_messages(q, rating_answer(r)) for q, r in zip(questions, targets.ratings)]
-write_pickle(examples, args.file("Direct_Predictor_train_instruct.pkl" if predictor.no_reason
-                                 else "Predictor_train_instruct.pkl"))
+if args.file("raw_data/valid.pkl").exists():  # the validation rows, their histories built as the test set's
+    rows = read_split(args, "valid", valid.eval_limit) if predictor.no_reason else \
+        read_table(args, reasons_file("valid"), COLUMNS + ["reasoner_reply"])
+    contexts = load_histories(args, prompt, prompt.test_history_before_target).for_rows(rows)
+    write_pickle(examples(rows, contexts, None if predictor.no_reason else rows.reasoner_reply),
+                 args.file(f"{name}_valid_instruct.pkl"))

@@ -1,11 +1,14 @@
 """Stage 3, step 3: the trained Predictor rates every test target from the histories and the Reasoner's reason:
-softmax over the logits of "1".."5" after "Predicted Rating: ", expectation, clipped to [1, 5].
+softmax over the logits of "1".."5" after "Predicted Rating: ", expectation, clipped to [1, 5].  --split valid rates
+the validation rows instead.
 
 --no_reason scores the authors' direct-prediction ablation instead (Direct_Predictor, their prompt without an
-analysis: prompts.direct_prediction_prompt).
+analysis: prompts.direct_prediction_prompt).  --reasoner Reasoner_GRPO (run by 4_GRPO/3) rates with the reasons of
+the GRPO-refined Reasoner.
 
 reads   Data/<dataset>/reason_for_test_by_reasoner.pkl (or raw_data/test.pkl), the summaries, the Predictor
 writes  Data/<dataset>/rating_for_test_by_predictor.pkl (or rating_for_test_direct.pkl)  (+ column pred)
+        (test -> valid with --split valid; by_predictor -> by_predictor_grpo with --reasoner Reasoner_GRPO)
 """
 import sys
 from dataclasses import dataclass, field
@@ -16,26 +19,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from histories import load_histories
 from llm import ModelArguments, load_expert
 from prompts import TestPromptArguments, direct_prediction_prompt, rating_prompt
-from utils import COLUMNS, parse_args, read_table, write_pickle
+from utils import COLUMNS, SplitArguments, parse_args, ratings_file, read_split, read_table, reasons_file, write_pickle
 
 
 @dataclass
 class PredictorArguments:
     no_reason: bool = field(default=False, metadata={"help": "score the direct-prediction ablation instead"})
+    reasoner: str = field(default="Reasoner", metadata={"help": "whose reasons: Reasoner (SFT) or Reasoner_GRPO"})
 
 
-args, prompt, model_args, predictor = parse_args(TestPromptArguments, ModelArguments, PredictorArguments,
-                                                 data_parallel=True)
-test = read_table(args, "raw_data/test.pkl") if predictor.no_reason else \
-    read_table(args, "reason_for_test_by_reasoner.pkl", COLUMNS + ["reasoner_reply"])
-contexts = load_histories(args, prompt, prompt.test_history_before_target).for_rows(test)
+args, prompt, split, model_args, predictor = parse_args(TestPromptArguments, SplitArguments, ModelArguments,
+                                                        PredictorArguments, data_parallel=True)
+if predictor.no_reason:
+    rows = read_split(args, split.split, split.eval_limit)
+else:
+    rows = read_table(args, reasons_file(split.split, predictor.reasoner), COLUMNS + ["reasoner_reply"])
+contexts = load_histories(args, prompt, prompt.test_history_before_target).for_rows(rows)
 predictor_model = load_expert(args, model_args, "Direct_Predictor" if predictor.no_reason else "Predictor")
 
 if predictor.no_reason:
-    questions = [direct_prediction_prompt(prompt.product_class, t, h) for t, h in zip(test.title, contexts)]
+    questions = [direct_prediction_prompt(prompt.product_class, t, h) for t, h in zip(rows.title, contexts)]
 else:
-    questions = [rating_prompt(prompt.product_class, t, h, a) for t, h, a in zip(test.title, contexts,
-                                                                                 test.reasoner_reply)]
-test["pred"] = predictor_model.score(questions, desc="Predictor")
-write_pickle(test, args.file("rating_for_test_direct.pkl" if predictor.no_reason
-                             else "rating_for_test_by_predictor.pkl"))
+    questions = [rating_prompt(prompt.product_class, t, h, a) for t, h, a in zip(rows.title, contexts,
+                                                                                 rows.reasoner_reply)]
+rows["pred"] = predictor_model.score(questions, desc="Predictor")
+write_pickle(rows, args.file(ratings_file(split.split, None if predictor.no_reason else predictor.reasoner)))

@@ -70,7 +70,10 @@ def workspace(tmp_path, real_slice, tiny_model) -> Path:
 
 
 FAST = {"TRAIN_ARGS": "--max_steps 2 --per_device_train_batch_size 4 --max_len 2048",
-        "GEN_ARGS": "--max_new_tokens 12 --batch_size 16"}
+        "GEN_ARGS": "--max_new_tokens 12 --batch_size 16",
+        "GRPO_ARGS": "--max_steps 2 --num_generations 2 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 "
+                     "--max_completion_length 8 --mask_truncated_completions false --save_strategy steps "
+                     "--save_steps 1 --per_device_eval_batch_size 16"}
 
 
 def full_run(root: Path, real_slice: Path, model: str) -> tuple[Path, str, TeacherServer]:

@@ -7,40 +7,59 @@ import pandas as pd
 from conftest import run
 from utils import COLUMNS
 
+OURS, GRPO = "Reason4Rec (Reasoner + Predictor)", "Reason4Rec + GRPO"
+DIRECT = "Direct Predictor (authors' ablation, no reason)"
+
 
 def frame(rows):
     df = pd.DataFrame(rows, columns=["user_id", "item_id", "ratings", "unixReviewTime"])
     return df.assign(title=df.item_id, reviews="text")[COLUMNS]
 
 
-def test_metrics_of_the_pipeline_and_the_baselines(tmp_path):
+def test_metrics_of_the_pipeline_and_the_baselines_on_valid_and_test(tmp_path):
     data = tmp_path / "Data" / "toy"
     (data / "raw_data").mkdir(parents=True)
     train = frame([("a", "x", 5.0, 1), ("a", "y", 3.0, 2), ("b", "x", 4.0, 3), ("b", "z", 2.0, 4)])
+    valid = frame([("a", "x", 4.0, 6), ("b", "y", 2.0, 7)])
     test = frame([("a", "z", 4.0, 10), ("b", "y", 1.0, 11), ("c", "x", 5.0, 12), ("a", "w", 3.0, 13)])
     train.to_pickle(data / "raw_data" / "train.pkl")
+    valid.to_pickle(data / "raw_data" / "valid.pkl")
+    test.to_pickle(data / "raw_data" / "test.pkl")
     test.assign(reasoner_reply="r", pred=[4.0, 2.0, 4.5, 3.0]).to_pickle(data / "rating_for_test_by_predictor.pkl")
     test.assign(pred=[3.0, 3.0, 3.0, 3.0]).to_pickle(data / "rating_for_test_direct.pkl")
+    test.assign(reasoner_reply="g", pred=[4.0, 1.0, 5.0, 3.5]).to_pickle(data / "rating_for_test_by_predictor_grpo.pkl")
+    valid.assign(reasoner_reply="r", pred=[4.5, 2.5]).to_pickle(data / "rating_for_valid_by_predictor.pkl")
     out = run("3_Predictor/4_evaluate.py", "--dataset", "toy", cwd=tmp_path).stdout
     metrics = json.loads((data / "metrics.json").read_text())
     truth = np.array([4.0, 1.0, 5.0, 3.0])
 
-    def check(name, pred):
-        got = metrics["results"]["all"][name]
-        assert got["MAE"] == round(np.abs(truth - pred).mean(), 4)
-        assert got["RMSE"] == round(np.sqrt(((truth - pred) ** 2).mean()), 4)
+    def check(name, pred, split="test", y=truth):
+        got = metrics[split]["results"]["all"][name]
+        assert got["MAE"] == round(np.abs(y - pred).mean(), 4)
+        assert got["RMSE"] == round(np.sqrt(((y - pred) ** 2).mean()), 4)
 
-    check("Reason4Rec (Reasoner + Predictor)", np.array([4.0, 2.0, 4.5, 3.0]))
-    check("Direct Predictor (no reason)", np.full(4, 3.0))
+    check(OURS, np.array([4.0, 2.0, 4.5, 3.0]))
+    check(DIRECT, np.full(4, 3.0))
+    check(GRPO, np.array([4.0, 1.0, 5.0, 3.5]))
     check("Global mean", np.full(4, 3.5))
     check("User mean", np.array([4.0, 3.0, 3.5, 4.0]))  # user c: no training rating -> the global mean
     check("Item mean", np.array([2.0, 3.0, 4.5, 3.5]))  # item w likewise
-    assert metrics["rows_without_user_history"] == 1 and metrics["rows_without_item_history"] == 1
-    assert metrics["results"]["with user and item history"]["Global mean"]["MAE"] == round((0.5 + 2.5) / 2, 4)
-    assert "Reason4Rec beats the best other method" in metrics["verdict"] and "Reason4Rec" in out
-    gap = metrics["mae_difference_to_best"]  # ours (MAE 0.375) against the best other: the user mean (1.125)
-    assert gap["best"] == "User mean" and gap["difference"] == -0.75
-    assert gap["ci95"][0] <= -0.75 <= gap["ci95"][1] and "paired bootstrap 95% interval" in metrics["verdict"]
+    check(OURS, np.array([4.5, 2.5]), "valid", np.array([4.0, 2.0]))
+    assert set(metrics["valid"]["results"]["all"]) == {"Global mean", "User mean", "Item mean", "User+item bias",
+                                                       "SVD", "SVD++", OURS}
+    test_block = metrics["test"]
+    assert test_block["rows_without_user_history"] == 1 and test_block["rows_without_item_history"] == 1
+    assert test_block["results"]["with user and item history"]["Global mean"]["MAE"] == round((0.5 + 2.5) / 2, 4)
+    table = test_block["results"]["all"]
+    best = min((k for k in table if k not in (OURS, GRPO)), key=lambda k: table[k]["MAE"])
+    ours_vs_best, grpo_vs_ours = test_block["comparisons"]
+    assert (ours_vs_best["method"], ours_vs_best["against"]) == (OURS, best)
+    assert ours_vs_best["difference"] == round(table[OURS]["MAE"] - table[best]["MAE"], 4)
+    assert ours_vs_best["ci95"][0] <= ours_vs_best["difference"] <= ours_vs_best["ci95"][1]
+    assert (grpo_vs_ours["method"], grpo_vs_ours["against"]) == (GRPO, OURS)
+    assert grpo_vs_ours["difference"] == round(0.125 - 0.375, 4)
+    assert metrics["verdict"] == ours_vs_best["verdict"] and "paired bootstrap 95% interval" in metrics["verdict"]
+    assert "Reason4Rec + GRPO beats Reason4Rec (Reasoner + Predictor)" in out
     assert (data / "predictions.png").exists()
 
 
@@ -81,9 +100,10 @@ def test_llm_rows_are_matched_on_user_item_and_time(tmp_path):
     (data / "raw_data").mkdir(parents=True)
     frame([("a", "x", 5.0, 1), ("b", "y", 3.0, 2)]).to_pickle(data / "raw_data" / "train.pkl")
     test = frame([("a", "y", 5.0, 10), ("b", "x", 1.0, 10), ("a", "z", 3.0, 11)])
+    test.to_pickle(data / "raw_data" / "test.pkl")
     test.assign(pred=[5.0, 1.0, 3.0]).to_pickle(data / "rating_for_test_by_predictor.pkl")
     test.assign(pred=[4.0, 2.0, 3.0]).iloc[[1, 0, 2]].to_pickle(data / "rating_for_test_direct.pkl")
     run("3_Predictor/4_evaluate.py", "--dataset", "toy", cwd=tmp_path)
     metrics = json.loads((data / "metrics.json").read_text())
-    assert metrics["results"]["all"]["Direct Predictor (no reason)"]["MAE"] == round(2 / 3, 4)
-    assert {"SVD", "SVD++", "User+item bias"} <= set(metrics["results"]["all"])
+    assert metrics["test"]["results"]["all"][DIRECT]["MAE"] == round(2 / 3, 4)
+    assert {"SVD", "SVD++", "User+item bias"} <= set(metrics["test"]["results"]["all"])

@@ -18,12 +18,20 @@ def load(root, name):
 
 def test_run_all_runs_every_step_and_prints_the_table(finished):
     root, out, _ = finished
-    assert "all 18 steps done" in out
-    for line in ("Global mean", "User mean", "Item mean", "User+item bias", "Direct Predictor (no reason)",
-                 "Reason4Rec (Reasoner + Predictor)"):
+    assert "all 26 steps done" in out
+    methods = ("Global mean", "User mean", "Item mean", "User+item bias", "SVD", "SVD++",
+               "Direct Predictor (authors' ablation, no reason)", "Reason4Rec (Reasoner + Predictor)",
+               "Reason4Rec + GRPO")
+    for line in methods:
         assert line in out
     metrics = json.loads((root / "Data" / DATASET / "metrics.json").read_text())
-    assert set(metrics["results"]["all"]) >= {"Global mean", "Reason4Rec (Reasoner + Predictor)"}
+    for split in ("valid", "test"):
+        assert set(metrics[split]["results"]["all"]) == set(methods), split
+        assert [c["method"] for c in metrics[split]["comparisons"]] == [methods[-2], methods[-1]]
+    for expert in ("Summarizer", "reason_reward_model", "Reasoner", "Predictor", "Direct_Predictor", "Reasoner_GRPO"):
+        selection = json.loads((root / "checkpoints" / DATASET / expert / "final_checkpoint" / "selection.json")
+                               .read_text())
+        assert selection["chosen"] in [c["candidate"] for c in selection["candidates"]]
     assert (root / "Data" / DATASET / "predictions.png").stat().st_size > 1000
 
 

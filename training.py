@@ -1,0 +1,204 @@
+"""What the trainers share (qlora_finetune.py for the four SFT experts, 4_GRPO/1 for the GRPO Reasoner): the paper's
+precision and optimizer, the global batch across processes, what makes two runs the same job (resume it, or refuse),
+and the end of a run: the candidate checkpoints scored on the validation rows, the best one (or the last state)
+exported as <output>/final_checkpoint with its selection.json, training log and provenance.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+from trl import TrlParser
+
+import llm
+import parallel
+from cache import ResultCache
+from prompts import RATING_PREFIX
+from utils import DataArguments, fail, read_json, read_pickle, resolve_recorded, write_json
+
+
+def parse(dataclass_types, argv=None, **defaults):
+    """A trainer's arguments: DataArguments first, then `dataclass_types` (the last one TRL's config), from a YAML file
+    (--config, TRL's parser), then the command line; the recorded prompt settings resolved (utils.recorded)."""
+    parser = TrlParser((DataArguments, *dataclass_types))
+    parser.set_defaults(**hardware_defaults(), seed=42, report_to="none", logging_steps=1,
+                        output_dir=os.environ.get("OUTPUT_DIR", ""), **defaults)
+    *parsed, unknown = parser.parse_args_and_config(argv, return_remaining_strings=True)
+    if unknown:
+        fail(f"{Path(sys.argv[0]).name} does not take {' '.join(unknown)}; --help lists what it takes")
+    resolve_recorded(*parsed[:-1])
+    return parsed
+
+
+def hardware_defaults() -> dict:
+    """The paper's precision and optimizer where there is a GPU; what a CPU can run elsewhere."""
+    if torch.cuda.is_available():
+        return dict(bf16=torch.cuda.is_bf16_supported(), fp16=not torch.cuda.is_bf16_supported(), optim="adamw_8bit")
+    return dict(bf16=False, fp16=False, optim="adamw_torch")
+
+
+def keep_global_batch(config, exact: bool = True):
+    """The configured batch (per-device batch x gradient accumulation, the official values for one GPU) is the global
+    batch: with N processes each takes 1/N of it, by dividing the per-device batch or else the accumulation."""
+    n, per_device, accumulation = parallel.world_size(), config.per_device_train_batch_size, \
+        config.gradient_accumulation_steps
+    if n == 1:
+        return
+    if per_device % n == 0:
+        config.per_device_train_batch_size = per_device // n
+    elif accumulation % n == 0:
+        config.gradient_accumulation_steps = accumulation // n
+    elif exact:
+        fail(f"the global batch {per_device} x {accumulation} cannot be split over {n} processes; pass "
+             f"--per_device_train_batch_size / --gradient_accumulation_steps that can, or --exact_global_batch false "
+             f"to train with {per_device * accumulation * n} per step")
+
+
+def global_batch(config) -> int:
+    return config.per_device_train_batch_size * config.gradient_accumulation_steps * parallel.world_size()
+
+
+# ---------------------------------------------------------------------------------------------- same job, or not
+def resumable_checkpoint(output: Path, job: dict):
+    """The last complete checkpoint of an interrupted run of this very job (`job`: the settings that define it), else
+    None.  Checkpoints of another job stop the run (they are the user's, and never deleted); one cut short by the
+    interruption (transformers writes trainer_state.json last) is skipped."""
+    checkpoints = sorted(output.glob("checkpoint-*"), key=_step)
+    record = output / "job.json"
+    if checkpoints:
+        earlier = read_json(record) if record.exists() else None
+        if earlier != job:
+            differing = "unknown: it has no job.json" if earlier is None else ", ".join(
+                f"{k} {earlier.get(k)!r} -> {job.get(k)!r}" for k in {**earlier, **job} if earlier.get(k) != job.get(k))
+            fail(f"{output} holds checkpoints of another training job (what differs: {differing}). They are kept. "
+                 f"To resume that job, rerun it with its own settings; to train this one, give it another folder "
+                 f"(OUTPUT_DIR=... or --output_dir ...), or move {output} away.")
+    complete = complete_checkpoints(output)
+    for c in checkpoints:
+        if c not in complete:
+            print(f"skipping {c}: it was cut short (no trainer_state.json)")
+    if complete:
+        print(f"resuming from {complete[-1]}")
+        return str(complete[-1])
+    write_json(job, record)
+    return None
+
+
+def complete_checkpoints(output: Path) -> list[Path]:
+    def complete(checkpoint: Path) -> bool:
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())
+            return True
+        except (OSError, ValueError):
+            return False
+
+    return [c for c in sorted(output.glob("checkpoint-*"), key=_step) if complete(c)]
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[-1])
+
+
+class ShowBatch(TrainerCallback):
+    """Print what the trainer really uses (Unsloth may change the accumulation by itself)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            print(f"training: global batch {args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size}"
+                  f" = {args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation"
+                  f" x {args.world_size} processes; {state.max_steps} steps", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- choosing, saving
+def rating_mae(data: DataArguments, valid_file: Path, *, load_in_4bit="auto", batch_size: int = 8):
+    """The validation metric of a rating expert (reward model, Predictor, Direct Predictor): the MAE of its
+    logits-weighted rating on the examples of `valid_file` (SFT format, answers "Predicted Rating: x").  Returns
+    (metric, description): `metric(adapter_folder)` loads the adapter as inference does and scores every example."""
+    examples = read_pickle(valid_file, what="messages")
+    questions = [x["messages"][0]["content"] for x in examples]
+    try:
+        truth = np.array([float(x["messages"][-1]["content"].removeprefix(RATING_PREFIX)) for x in examples])
+    except ValueError:
+        fail(f"{valid_file} holds answers that are not ratings ({RATING_PREFIX}x)")
+    cache = ResultCache(data.file("generation_cache.sqlite")) if data.dataset else None
+
+    def metric(folder: Path) -> float:
+        expert = llm.load_model(folder, load_in_4bit=load_in_4bit, cache=cache, batch_size=batch_size)
+        return float(np.abs(expert.score(questions, desc=f"validation, {folder.name}") - truth).mean())
+
+    return metric, f"MAE of the rating after '{RATING_PREFIX}' on {valid_file} ({len(examples):,} rows)"
+
+
+def export(source, folder: Path, save_lm_head: bool = True):
+    """The adapter of a checkpoint folder (or of a model, `source`) as it is saved: PEFT's files, target_modules sorted
+    (PEFT writes them in set order) and, with `save_lm_head` false, without the trained lm_head (the official trainer's
+    adapters)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    if isinstance(source, Path):
+        folder.mkdir(parents=True)
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            shutil.copy2(source / name, folder / name)
+    else:
+        source.save_pretrained(folder)
+    config_file = folder / "adapter_config.json"
+    adapter_config = json.loads(config_file.read_text())
+    if isinstance(adapter_config.get("target_modules"), list):
+        adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
+    if not save_lm_head and adapter_config.get("modules_to_save"):
+        from safetensors.torch import load_file, save_file
+
+        weights = folder / "adapter_model.safetensors"
+        save_file({k: v for k, v in load_file(weights).items() if "lm_head" not in k}, weights, metadata={"format": "pt"})
+        adapter_config["modules_to_save"] = None
+    write_json(adapter_config, config_file)
+
+
+def finish(trainer, tokenizer, output: Path, record: dict, *, metric=None, metric_name: str | None = None,
+           select_on_valid: bool = True, save_lm_head: bool = True):
+    """Choose and save the adapter: <output>/final_checkpoint, with selection.json (every candidate and its validation
+    metric, and the one chosen), log_history.json and provenance.json (`record`).
+
+    The candidates are the run's checkpoints and its final state.  With a `metric` (lower is better) each is scored
+    on the validation rows and, with `select_on_valid`, the best is kept; otherwise the final state is kept, as the
+    official code does."""
+    staging = output / ".final_checkpoint.tmp"
+    final_step = trainer.state.global_step
+    sources = {c.name: c for c in complete_checkpoints(output) if _step(c) < final_step} if metric else {}
+    sources["final state"] = trainer.model
+    if parallel.is_main_process():
+        shutil.rmtree(staging, ignore_errors=True)
+        for name, source in sources.items():
+            export(source, staging / name.replace(" ", "_"), save_lm_head)
+    parallel.barrier()
+    candidates = [{"candidate": name, "step": _step(s) if isinstance(s, Path) else final_step,
+                   "valid_metric": metric(staging / name.replace(" ", "_")) if metric else None}
+                  for name, s in sources.items()]
+    chosen = min(candidates, key=lambda c: c["valid_metric"]) if metric and select_on_valid else candidates[-1]
+    selection = {"expert": output.name, "metric": metric_name, "select_on_valid": select_on_valid,
+                 "candidates": candidates, "chosen": chosen["candidate"], "chosen_step": chosen["step"],
+                 "why": ("the lowest validation metric" if metric and select_on_valid else
+                         "--select_on_valid false: the final state, as the official code" if metric else
+                         "no validation metric for this expert: the final state, as the official code")}
+    if parallel.is_main_process():
+        folder = staging / chosen["candidate"].replace(" ", "_")
+        tokenizer.save_pretrained(folder)
+        write_json(trainer.state.log_history, folder / "log_history.json")
+        write_json(selection, folder / "selection.json")
+        write_json(record, folder / "provenance.json")
+        write_json(selection, output / "selection.json")
+        final = output / "final_checkpoint"
+        shutil.rmtree(final, ignore_errors=True)
+        folder.replace(final)
+        shutil.rmtree(staging, ignore_errors=True)
+        print(f"kept {chosen['candidate']} (step {chosen['step']}; {selection['why']}) as {final}")
+        for c in candidates:
+            if c["valid_metric"] is not None:
+                print(f"  {c['candidate']:<16} step {c['step']:>6}  validation {c['valid_metric']:.4f}")
+    parallel.barrier()
+    return selection
