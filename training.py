@@ -183,7 +183,7 @@ def finish(trainer, tokenizer, output: Path, record: dict, *, metric=None, metri
     selection = {"expert": output.name, "metric": metric_name, "select_on_valid": select_on_valid,
                  "candidates": candidates, "chosen": chosen["candidate"], "chosen_step": chosen["step"],
                  "why": ("the lowest validation metric" if metric and select_on_valid else
-                         "--select_on_valid false: the final state, as the official code" if metric else
+                         "--select_on_valid false: the final state, as the official code" if not select_on_valid else
                          "no validation metric for this expert: the final state, as the official code")}
     if parallel.is_main_process():
         folder = staging / chosen["candidate"].replace(" ", "_")
