@@ -368,8 +368,8 @@ class Teacher:
                     time.sleep(wait)
                     wait = min(2 * wait, self.poll)
                     statuses = Counter()
-                    for batch_id in live:
-                        batch = self._poll(batch_id)
+                    for batch_id, keys in live.items():
+                        batch = self._poll(batch_id, keys)
                         statuses[batch.status] += 1
                         if batch.status == "failed":  # the enqueued-token limit: send again later
                             refusals += 1
@@ -438,10 +438,10 @@ class Teacher:
                 found.setdefault(metadata.get("keys_sha256"), batch)
         return found
 
-    def _poll(self, batch_id: str):
-        """Look at a batch; once it has ended, take in its answers and count its failed requests (in one transaction)
-        so that what is missing goes out again.  A batch that failed for another cause than the enqueued-token limit
-        stops the step."""
+    def _poll(self, batch_id: str, keys: list[str]):
+        """Look at a batch (holding `keys`); once it has ended, take in its answers and count its failed requests (in
+        one transaction) so that what is missing goes out again.  A batch that failed for another cause than the
+        enqueued-token limit stops the step."""
         batch = self.client.batches.retrieve(batch_id)
         if batch.status in RUNNING:
             return batch
@@ -468,6 +468,8 @@ class Teacher:
                 elif error.get("code") not in ("batch_expired", "batch_cancelled"):  # those are simply sent again
                     cause = (body.get("error") or {}).get("message") or error.get("message") or "the answer was empty"
                     errors[line["custom_id"]] = f"HTTP {response.get('status_code')}: {cause}" if response else cause
+        if batch.status == "completed":  # a request that a completed batch left out of both files failed too
+            errors.update({k: "missing from the batch's output" for k in keys if k not in answers and k not in errors})
         self.cache.take_in_batch(batch_id, answers, errors)
         return batch
 
@@ -475,7 +477,7 @@ class Teacher:
         """One by one, after a TEACHER_BATCH=1 run: take in the answers of its batches that have ended (returned),
         and refuse to ask one by one for requests that are in a batch still running (they would be paid twice)."""
         open_batches = self.cache.open_batches(todo)
-        running = [b for b in open_batches if self._poll(b).status in RUNNING]
+        running = [b for b, keys in open_batches.items() if self._poll(b, keys).status in RUNNING]
         if running:
             fail(f"{len(running)} batch(es) of this step are still running at the Batch API ({', '.join(running)}): "
                  f"rerun with TEACHER_BATCH=1 to wait for them, or cancel them first; asking one by one now would "

@@ -22,7 +22,8 @@ drops those.  `open_at(t)` counts the requests that were not yet answered at tim
 client killed at t may lose.  For batches: `batch_faults` is a list of what happens to the next batches created
 ("expire": half of its requests done, the rest expired; "cancel": cancelled half way, as from the dashboard;
 "token_limit": failed with the API's enqueued-token-limit error, as the real API reports it: a created batch that
-fails at validation with errors.data[0].code "token_limit_exceeded"; None: normal); `line_faults[prompt] = n` puts
+fails at validation with errors.data[0].code "token_limit_exceeded"; "lose_line": completed, its last request in
+neither file; None: normal); `line_faults[prompt] = n` puts
 that prompt's next n batch lines into the error file (HTTP 500); `hold_batches()` keeps every batch in progress
 until `release_batches()`; `batch_api=False` answers 404 to files and batches (an endpoint without the Batch API).
 """
@@ -270,7 +271,7 @@ class TeacherServer:
                 result["response"] = {"status_code": 500, "request_id": f"req_{next(self._ids)}", "body": {
                     "error": {"message": "injected server error", "type": "server_error"}}}
                 errors.append(result)
-            else:
+            elif not (batch["_fault"] == "lose_line" and k == len(lines) - 1):
                 result["response"] = {"status_code": 200, "request_id": f"req_{next(self._ids)}",
                                       "body": self._complete(line["body"])}
                 output.append(result)

@@ -7,7 +7,7 @@ What each kind of stop costs, proved here:
                                                                     test_sigkill_one_by_one_...
     SIGTERM or SIGKILL, Batch API      0 requests repeated, no second batch
                                                                     test_a_kill_while_polling_...,
-                                                                    test_a_kill_between_creating_a_batch_and_recording_it_...
+                                                                    test_a_kill_between_creating_..._adopts_that_batch
 """
 import json
 import os
@@ -155,6 +155,16 @@ def test_an_expired_or_cancelled_batch_sends_again_only_what_has_no_answer(tmp_p
     assert answers == [teacher_answer(p, 0.2, 0) for p in PROMPTS]
     assert statuses(server) == [status, "completed"] and sizes(server) == [12, 6]
     assert server.answers == 12 and server.repeated == 0
+    server.close()
+
+
+def test_a_request_missing_from_a_completed_batch_counts_as_failed_and_goes_out_again(tmp_path, env):
+    server = TeacherServer()
+    env(server, TEACHER_BATCH="1")
+    server.batch_faults = ["lose_line"]
+    assert Teacher(tmp_path / "cache.sqlite").ask(PROMPTS, temperature=0.2) == \
+        [teacher_answer(p, 0.2, 0) for p in PROMPTS]
+    assert sizes(server) == [12, 1] and server.repeated == 0
     server.close()
 
 
