@@ -18,7 +18,8 @@ is how many of those were paid twice.
 Misbehaviour on purpose, for chat completions: `faults` is a list of what to do to the next requests in turn ("429",
 "500", "timeout", "malformed", "empty", "no_choices", or None for a normal answer); `latency` delays every answer;
 `hold(n)` makes it answer n requests in all and then leave every further one hanging unanswered until `release()`
-drops those.  `open_at(t)` counts the requests that were not yet answered at time t (time.monotonic()): those a
+drops those (and, after it, any request whose client is already gone: one sent before the release that the server
+had not yet picked up).  `open_at(t)` counts the requests that were not yet answered at time t (time.monotonic()): those a
 client killed at t may lose.  For batches: `batch_faults` is a list of what happens to the next batches created
 ("expire": half of its requests done, the rest expired; "cancel": cancelled half way, as from the dashboard;
 "token_limit": failed with the API's enqueued-token-limit error, as the real API reports it: a created batch that
@@ -34,6 +35,7 @@ import itertools
 import json
 import random
 import re
+import socket
 import threading
 import time
 from collections import Counter
@@ -70,6 +72,7 @@ class TeacherServer:
         self.times = []  # [received, answered or None] of every chat-completion request (time.monotonic())
         self.hold_after = None
         self.reserved = 0  # requests admitted to be answered
+        self.released = False  # a hold was released: requests of clients already gone are dropped
         self._released = threading.Event()
         self.files, self.batches = {}, {}
         self.batch_faults, self.line_faults = [], Counter()
@@ -109,8 +112,22 @@ class TeacherServer:
             def _body(self) -> bytes:
                 return self.rfile.read(int(self.headers.get("Content-Length") or 0)) if self.command == "POST" else b""
 
+            def _client_gone(self) -> bool:
+                """Has the client closed the connection (it was killed) before being answered?"""
+                self.connection.setblocking(False)
+                try:
+                    return self.connection.recv(1, socket.MSG_PEEK) == b""
+                except BlockingIOError:
+                    return False
+                except OSError:
+                    return True
+                finally:
+                    self.connection.setblocking(True)
+
             def _chat(self):
                 body = json.loads(self._body())
+                if server.released and self._client_gone():
+                    return  # sent before the release by a client since killed: dropped as the hold would have
                 with server._lock:  # decided on arrival: answered (at most hold_after in all), or held
                     server.received += 1
                     server.bodies.append(body)
@@ -138,14 +155,15 @@ class TeacherServer:
             def _send(self, status, payload):
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json" if not isinstance(payload, bytes)
-                                 or status != 200 else "application/octet-stream")
+                binary = urlparse(self.path).path.endswith("/content")  # a file's bytes
+                self.send_header("Content-Type", "application/octet-stream" if binary else "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
 
         class Server(ThreadingHTTPServer):
             daemon_threads = True
+            request_queue_size = 128  # a client's connections wait in the backlog rather than being retried
 
             def handle_error(self, request, client_address):
                 pass  # a client killed on purpose leaves a broken pipe behind: expected here
@@ -318,9 +336,10 @@ class TeacherServer:
     # ------------------------------------------------------------------------------------------ holding, counting
     def hold(self, after: int):
         self._released.clear()
-        self.hold_after = after
+        self.hold_after, self.released = after, False
 
     def release(self):
+        self.released = self.hold_after is not None
         self.hold_after = None
         self._released.set()
 
