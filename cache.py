@@ -3,6 +3,10 @@
 Each answer is committed as soon as it arrives, so a rerun after a crash, a kill or a Ctrl-C asks again for nothing
 it already has.  Keys are hashes of everything that determines the answer (see `ResultCache.key`).  Several
 processes (a data-parallel run) may share one file: SQLite serialises their writes.
+
+The teacher's Batch API mode keeps its bookkeeping in the same file: `batches` (each batch a step created or adopted,
+the keys it holds, and whether its results were taken in) and `batch_errors` (how often a request came back in a
+batch's error file).
 """
 from __future__ import annotations
 
@@ -24,6 +28,9 @@ class ResultCache:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=60)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, value TEXT, meta TEXT)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS batches (id TEXT PRIMARY KEY, keys TEXT, done INTEGER)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS batch_errors (key TEXT PRIMARY KEY, attempts INTEGER, "
+                             "error TEXT)")
         except sqlite3.DatabaseError as e:
             fail(f"the cache {self.path} is corrupted ({e}); move it away to start it afresh "
                  f"(its answers would then be asked for again).")
@@ -51,6 +58,59 @@ class ResultCache:
                 self._db.execute("BEGIN")
                 self._db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?)",
                                      [(k, json.dumps(v, ensure_ascii=False), meta) for k, v in items.items()])
+
+    def average(self, field: str) -> tuple[float, int]:
+        """The mean of a positive numeric `field` of the stored metas (e.g. completion_tokens), and over how many."""
+        with self._lock:
+            mean, n = self._db.execute(f"SELECT AVG(json_extract(meta, '$.{field}')), COUNT(*) FROM results "
+                                       f"WHERE json_extract(meta, '$.{field}') > 0").fetchone()
+        return mean or 0.0, n
+
+    # ------------------------------------------------------------------------------ Batch API bookkeeping
+    def record_batch(self, batch_id: str, keys: list[str]):
+        """A batch now exists at the API that holds these keys: kept at once, so that a rerun polls it."""
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO batches VALUES (?, ?, 0)", (batch_id, json.dumps(keys)))
+
+    def known_batches(self) -> set[str]:
+        with self._lock:
+            return {row[0] for row in self._db.execute("SELECT id FROM batches")}
+
+    def open_batches(self, keys) -> dict[str, list[str]]:
+        """{batch id: its keys} of the batches not yet taken in that hold any of `keys`."""
+        keys = set(keys)
+        with self._lock:
+            rows = self._db.execute("SELECT id, keys FROM batches WHERE done = 0").fetchall()
+        return {batch_id: held for batch_id, held in ((i, json.loads(k)) for i, k in rows) if keys.intersection(held)}
+
+    def take_in_batch(self, batch_id: str, answers: dict, errors: dict):
+        """In one transaction: store a finished batch's `answers` ({key: (value, meta)}; an answer already stored is
+        kept), count its failed requests (`errors`: {key: cause}), and mark the batch taken in."""
+        with self._lock:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany("INSERT OR IGNORE INTO results VALUES (?, ?, ?)",
+                                     [(k, json.dumps(v, ensure_ascii=False), json.dumps(m))
+                                      for k, (v, m) in answers.items()])
+                self._db.executemany("INSERT INTO batch_errors VALUES (?, 1, ?) ON CONFLICT(key) DO UPDATE SET "
+                                     "attempts = attempts + 1, error = excluded.error", list(errors.items()))
+                self._db.execute("UPDATE batches SET done = 1 WHERE id = ?", (batch_id,))
+
+    def batch_errors(self, keys) -> dict[str, tuple[int, str]]:
+        """{key: (times it failed in a batch, the last cause)} for those of `keys` that ever failed."""
+        keys = list(dict.fromkeys(keys))
+        found = {}
+        with self._lock:
+            for start in range(0, len(keys), 500):
+                chunk = keys[start:start + 500]
+                rows = self._db.execute(f"SELECT key, attempts, error FROM batch_errors WHERE key IN "
+                                        f"({','.join('?' * len(chunk))})", chunk)
+                found.update((k, (n, e)) for k, n, e in rows)
+        return found
+
+    def clear_batch_errors(self, keys):
+        with self._lock:
+            self._db.executemany("DELETE FROM batch_errors WHERE key = ?", [(k,) for k in keys])
 
     def __len__(self):
         with self._lock:

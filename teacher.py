@@ -8,18 +8,40 @@ Settings come from the environment, never from the source:
     TEACHER_MAX_RETRIES   retries with backoff on 429 / 5xx / timeouts, done by the openai client (default 6)
     TEACHER_TIMEOUT       seconds per request (default 120)
     TEACHER_MAX_TOKENS    default 4096, as in the official code
+    TEACHER_BATCH=1       send a step's requests through the OpenAI Batch API instead: half the price, answers
+                          within 24 hours; TEACHER_BATCH_POLL: the longest wait between two looks at them (default 60 s)
+    TEACHER_PRICES        USD per 1M prompt and completion tokens, a JSON file or inline JSON, e.g.
+                          '{"gpt-4o-mini": [0.15, 0.6]}': overrides or extends PRICES below
     TEACHER=local with TEACHER_MODEL_PATH=<model folder> uses a local model instead (offline demos), generating
     TEACHER_BATCH_SIZE prompts at a time (default 8).
 
-Every answer goes into an on-disk cache keyed by the request as soon as it arrives, so a rerun after a crash or a
-Ctrl-C pays for nothing twice.  Token usage is recorded with each answer.
+Every answer goes into an on-disk cache keyed by the request as soon as it arrives; a rerun asks for nothing it has.
+What each kind of stop costs:
+    Ctrl-C, SIGINT, SIGTERM   one by one: nothing new is sent, the requests in flight are awaited (at most
+                              TEACHER_TIMEOUT; a second Ctrl-C stops waiting) and kept, and the step exits with 130
+                              (SIGINT) or 143 (SIGTERM).  The rerun pays for nothing twice.
+    SIGKILL, power loss       one by one: the answers of the requests in flight at that moment are lost, so the rerun
+                              pays again for those: at most TEACHER_CONCURRENCY requests.
+    any stop, Batch API       nothing: the batches keep running at the API.  A batch's id is kept in the cache as soon
+                              as it exists, and its `metadata` names its step and contents, so that a rerun finds even
+                              one created just before the kill (`batches.list`) and polls it instead of sending again.
+The seeds, temperatures and cache keys are the same in both modes, so a step can switch modes and keep its answers.
+Each step reports its tokens and their cost; `--dry_run` prints the requests, tokens and cost before anything is sent.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
+import signal
+import sys
+import threading
+import time
+from collections import Counter, deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Queue
 
 from tqdm.auto import tqdm
 
@@ -30,34 +52,137 @@ from utils import fail
 HELP = ("set OPENAI_API_KEY (and optionally OPENAI_BASE_URL, TEACHER_MODEL; default gpt-3.5-turbo), "
         "or TEACHER=local with TEACHER_MODEL_PATH=<model folder> for an offline teacher")
 
+# USD per 1M prompt (input) and completion (output) tokens: OpenAI's list prices for its standard API, taken on
+# 2026-11-28 from stored copies of its pricing page and of 2026 price lists that quote it (all agreeing); prices change,
+# so TEACHER_PRICES overrides or extends them.  A dated snapshot (gpt-4o-mini-2024-07-18) takes its model's price.
+PRICES = {
+    "gpt-3.5-turbo": (0.50, 1.50),
+    "gpt-4o": (2.50, 10.00),
+    "gpt-4o-mini": (0.15, 0.60),
+    "gpt-4.1": (2.00, 8.00),
+    "gpt-4.1-mini": (0.40, 1.60),
+    "gpt-4.1-nano": (0.10, 0.40),
+    "gpt-5": (1.25, 10.00),
+    "gpt-5-mini": (0.25, 2.00),
+    "gpt-5-nano": (0.05, 0.40),
+}
+BATCH_DISCOUNT = 0.5  # the Batch API bills half the list price
+CHARS_PER_TOKEN = 4  # --dry_run counts a prompt's tokens approximately, as its characters / 4
+GUESSED_ANSWER_TOKENS = 200  # --dry_run's guess of an answer's length, where the cache holds no answer to average
+
+# The Batch API's limits per batch (a step's requests are split to fit them), and how many times a request that comes
+# back in a batch's error file is sent in all before it is reported.
+BATCH_MAX_REQUESTS = 50_000
+BATCH_MAX_BYTES = 200_000_000
+BATCH_MAX_ATTEMPTS = 3
+BATCH_TAG = "reason4rec-teacher"  # metadata["source"] of the batches this module creates
+RUNNING = ("validating", "in_progress", "finalizing", "cancelling")
+
+
+@dataclass
+class TeacherArguments:
+    dry_run: bool = field(default=False, metadata={
+        "help": "print how many requests the teacher would be sent, about how many tokens, and what they would cost; "
+                "then stop, before anything is sent or any model loaded"})
+
 
 class TeacherError(RuntimeError):
     pass
 
 
+class Stop(Exception):
+    """SIGINT or SIGTERM, raised in the main thread while the teacher works (see `stop_signals`)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def stop_signals():
+    """While in this block, SIGINT and SIGTERM (each one, a second one too) raise `Stop` in the main thread."""
+    def handler(signum, frame):
+        raise Stop(signum)
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def exit_stopped(stop: Stop, message: str):
+    print(f"\nstopped by {stop}: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(128 + stop.signum)  # the shell's convention: 130 after SIGINT, 143 after SIGTERM
+
+
+def setting(name: str, default, kind=int):
+    value = os.environ.get(name, default)
+    try:
+        return kind(value)
+    except ValueError:
+        fail(f"{name}={value!r} is not a {kind.__name__}")
+
+
+def load_prices() -> dict:
+    prices, given = dict(PRICES), os.environ.get("TEACHER_PRICES", "").strip()
+    if given:
+        try:
+            table = json.loads(given if given.startswith("{") else Path(given).read_text())
+            prices.update({str(model): (float(p[0]), float(p[1])) for model, p in table.items()})
+        except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            fail(f"TEACHER_PRICES must be a JSON file or inline JSON such as '{{\"gpt-4o-mini\": [0.15, 0.6]}}' (USD "
+                 f"per 1M prompt and completion tokens); {given[:80]!r} is not ({type(e).__name__}: {e})")
+    return prices
+
+
+def batch_metadata(desc: str, keys: list[str], part: int, parts: int) -> dict:
+    """What a batch carries (strings of at most 512 characters): its step, and a hash of the requests it holds, by
+    which a rerun recognises it."""
+    return {"source": BATCH_TAG, "step": desc[:512], "part": f"{part}/{parts}", "requests": str(len(keys)),
+            "keys_sha256": hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()}
+
+
 class Teacher:
-    def __init__(self, cache_path: str | Path):
-        """Checks the settings at once, so that a missing key fails before any work starts."""
+    def __init__(self, cache_path: str | Path, dry_run: bool = False):
+        """Checks the settings at once, so that a missing key (or an endpoint without the Batch API, under
+        TEACHER_BATCH=1) fails before any work starts.  A dry run needs no key and sends nothing."""
         self.kind = os.environ.get("TEACHER", "openai")
-        self.max_tokens = int(os.environ.get("TEACHER_MAX_TOKENS", 4096))
-        self.concurrency = int(os.environ.get("TEACHER_CONCURRENCY", 16))
-        self.usage = Counter()
+        self.max_tokens = setting("TEACHER_MAX_TOKENS", 4096)
+        self.concurrency = setting("TEACHER_CONCURRENCY", 16)
+        self.timeout = setting("TEACHER_TIMEOUT", 120, float)
+        self.max_retries = setting("TEACHER_MAX_RETRIES", 6)
+        self.poll = setting("TEACHER_BATCH_POLL", 60, float)
+        self.batch = os.environ.get("TEACHER_BATCH", "0") or "0"
+        if self.batch not in ("0", "1"):
+            fail(f"TEACHER_BATCH must be 1 (through the Batch API) or 0 (one by one), not {self.batch!r}")
+        self.batch = self.batch == "1"
+        self.prices = load_prices()
+        self.dry_run = dry_run
+        self.usage, self._usage_lock = Counter(), threading.Lock()
         if self.kind == "local":
             self.path = os.environ.get("TEACHER_MODEL_PATH") or fail(f"TEACHER=local needs TEACHER_MODEL_PATH; {HELP}")
             if not Path(self.path, "config.json").exists() and not Path(self.path, "adapter_config.json").exists():
                 fail(f"TEACHER_MODEL_PATH={self.path} is not a model folder")
+            if self.batch:
+                fail("TEACHER_BATCH=1 sends the requests through the OpenAI Batch API, which the local teacher "
+                     "(TEACHER=local) does not have: unset TEACHER_BATCH, or use an OpenAI endpoint")
             self.model = f"local:{Path(self.path).resolve()}"
             self._local = None
         elif self.kind == "openai":
-            self._secret = os.environ.get("OPENAI_API_KEY") or fail(f"no teacher configured: {HELP}")
-            from openai import OpenAI
-
             self.model = os.environ.get("TEACHER_MODEL", "gpt-3.5-turbo")
-            self.client = OpenAI(max_retries=int(os.environ.get("TEACHER_MAX_RETRIES", 6)),
-                                 timeout=float(os.environ.get("TEACHER_TIMEOUT", 120)))
+            if not dry_run:
+                self._secret = os.environ.get("OPENAI_API_KEY") or fail(f"no teacher configured: {HELP}")
+                from openai import OpenAI
+
+                self.client = OpenAI(max_retries=self.max_retries, timeout=self.timeout)
         else:
             fail(f"TEACHER must be openai or local, not {self.kind!r}")
         self.cache = ResultCache(cache_path)
+        if self.batch and not dry_run and parallel.is_main_process():
+            self._check_batch_api()
 
     def key(self, prompt: str, temperature: float, sample: int) -> str:
         """What determines an answer; `sample` tells the k-th independent draw for the same prompt apart."""
@@ -66,9 +191,11 @@ class Teacher:
     def ask(self, prompts: list[str], *, temperature: float, samples=None, labels=None,
             desc: str = "teacher") -> list[str]:
         """The teacher's answers to `prompts` (one user turn each), in order.  `samples[i]` numbers repeated draws
-        of one prompt; `labels[i]` names the row in errors."""
+        of one prompt; `labels[i]` names the row in errors.  Under --dry_run: print what this would send, and stop."""
         samples = samples if samples is not None else [0] * len(prompts)
         labels = labels if labels is not None else [f"#{i}" for i in range(len(prompts))]
+        if self.dry_run:
+            self.estimate([(desc, prompts, temperature, samples)])
         keys = [self.key(p, temperature, s) for p, s in zip(prompts, samples)]
         found = self.cache.get_many(keys)
         todo = {k: (p, s, label) for k, p, s, label in zip(keys, prompts, samples, labels) if k not in found}
@@ -76,25 +203,87 @@ class Teacher:
         if todo and self.kind == "local":  # a local model: every process of a data-parallel run takes its share
             found.update(self._ask_local(todo, temperature, desc))
         elif todo:  # a paid endpoint: the main process alone asks, and shares the answers
-            found.update(parallel.broadcast(self._ask_remote(todo, temperature, desc) if parallel.is_main_process()
-                                            else None))
+            ask = self._ask_batch if self.batch else self._ask_one_by_one
+            found.update(parallel.broadcast(ask(todo, temperature, desc) if parallel.is_main_process() else None))
         return [found[k] for k in keys]
 
-    # ------------------------------------------------------------------------------------------ OpenAI protocol
-    def _ask_remote(self, todo: dict, temperature: float, desc: str) -> dict:
-        answers = {}
-        with ThreadPoolExecutor(self.concurrency) as pool, tqdm(total=len(todo), desc=desc, unit="req") as bar:
-            futures = {pool.submit(self._answer, key, prompt, temperature, sample, label): key
-                       for key, (prompt, sample, label) in todo.items()}
-            for future in as_completed(futures):
-                if future.exception() is not None:
-                    for other in futures:
-                        other.cancel()
-                    fail(f"{future.exception()}. The {len(answers):,} answers received so far are kept in "
-                         f"{self.cache.path}; rerun the same command to continue from there.")
-                answers[futures[future]] = future.result()
-                bar.update(1)
-        return answers
+    def _params(self, prompt: str, temperature: float, sample: int) -> dict:
+        """One chat-completion request, the same one by one and in a batch; `sample` goes out as the seed, so that
+        the k-th draw is reproducible where the endpoint supports seeds."""
+        return {"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": temperature,
+                "n": 1, "max_tokens": self.max_tokens, "seed": sample}
+
+    # ------------------------------------------------------------------------------------------ one by one
+    def _ask_one_by_one(self, todo: dict, temperature: float, desc: str) -> dict:
+        """TEACHER_CONCURRENCY threads ask at once; each answer is cached the moment it arrives.  A failure, Ctrl-C
+        or SIGTERM stops the sending; the requests in flight are awaited and kept: a rerun pays for nothing twice."""
+        collected = self._collect_batches(todo)  # answers of an earlier TEACHER_BATCH=1 run
+        todo = {k: v for k, v in todo.items() if k not in collected}
+        jobs, results, stopping = deque(todo.items()), Queue(), threading.Event()
+        busy, lock = set(), threading.Lock()  # the keys of the requests in flight
+
+        def work():
+            while True:
+                with lock:  # once `stopping` is set, no thread takes another request
+                    if stopping.is_set() or not jobs:
+                        return
+                    key, (prompt, sample, label) = jobs.popleft()
+                    busy.add(key)
+                try:
+                    results.put((key, self._answer(key, prompt, temperature, sample, label)))
+                except Exception as e:
+                    stopping.set()
+                    results.put((key, e))
+                finally:
+                    with lock:
+                        busy.discard(key)
+
+        answers, error, stop, left = {}, None, None, 0
+        with tqdm(total=len(todo), desc=desc, unit="req") as bar, stop_signals():
+            for _ in range(min(self.concurrency, len(todo))):
+                threading.Thread(target=work, daemon=True).start()
+            try:
+                while len(answers) < len(todo) and error is None:
+                    key, result = results.get()
+                    if isinstance(result, Exception):
+                        error = result
+                    else:
+                        answers[key] = result
+                        bar.update(1)
+            except Stop as s:
+                stop = s
+            if error is not None or stop is not None:
+                with lock:
+                    stopping.set()
+                left = self._wait_for(busy, stop)
+                while not results.empty():
+                    key, result = results.get()
+                    if not isinstance(result, Exception):
+                        answers[key] = result
+        kept = (f"The {len(answers):,} answers received so far are kept in {self.cache.path}"
+                + (f"; {left} requests still in flight were given up: their answers are lost" if left else ""))
+        if stop is not None:
+            again = f"only those {left} requests may be paid again." if left else "nothing is paid twice."
+            exit_stopped(stop, f"no request was sent after it. {kept}. Rerun the same command to continue: {again}")
+        if error is not None:
+            fail(f"{error}. {kept}; rerun the same command to continue from there.")
+        return {**collected, **answers}
+
+    def _wait_for(self, busy: set, stop: Stop | None) -> int:
+        """Let the requests in flight finish (at most TEACHER_TIMEOUT; a second signal stops waiting); how many did
+        not."""
+        if busy:
+            again = f"; {stop} again to stop waiting" if stop else ""
+            print(f"\n{stop or 'a request failed'}: nothing new is sent; waiting up to {self.timeout:g} s "
+                  f"(TEACHER_TIMEOUT) for the {len(busy)} requests in flight, to keep their answers{again}",
+                  file=sys.stderr, flush=True)
+        deadline = time.monotonic() + self.timeout
+        try:
+            while busy and time.monotonic() < deadline:
+                time.sleep(0.02)
+        except Stop:
+            pass
+        return len(busy)
 
     def _answer(self, key: str, prompt: str, temperature: float, sample: int, label: str) -> str:
         """Ask, and keep the answer in the cache the moment it arrives."""
@@ -103,17 +292,14 @@ class Teacher:
         return text
 
     def _request(self, prompt: str, temperature: float, sample: int, label: str) -> tuple[str, dict]:
-        """One chat completion; `sample` goes out as the seed, so that the k-th draw is reproducible where the
-        endpoint supports seeds.  429s, 5xx and timeouts are retried with backoff by the openai client itself; an
+        """One chat completion.  429s, 5xx and timeouts are retried with backoff by the openai client itself; an
         empty or unreadable answer is asked for again here, twice at most."""
         import openai
 
         cause = None
         for _ in range(3):
             try:
-                response = self.client.chat.completions.create(
-                    model=self.model, messages=[{"role": "user", "content": prompt}], temperature=temperature,
-                    n=1, max_tokens=self.max_tokens, seed=sample)
+                response = self.client.chat.completions.create(**self._params(prompt, temperature, sample))
                 text = response.choices[0].message.content if response.choices else None
             except (openai.APIStatusError, openai.APIConnectionError) as e:  # retries already spent by the client
                 raise TeacherError(self._safe(f"teacher request for row {label} failed: {type(e).__name__}: {e}")) from e
@@ -121,19 +307,195 @@ class Teacher:
                 cause = f"{type(e).__name__}: {e}"
                 continue
             if text:
-                return text, self._record(response)
+                usage = response.usage
+                return text, self._record(getattr(usage, "prompt_tokens", 0), getattr(usage, "completion_tokens", 0))
             cause = "the answer was empty"
         raise TeacherError(self._safe(f"teacher request for row {label} failed: {cause}"))
 
-    def _record(self, response) -> dict:
-        usage = getattr(response, "usage", None)
-        tokens = {"prompt_tokens": getattr(usage, "prompt_tokens", 0) or 0,
-                  "completion_tokens": getattr(usage, "completion_tokens", 0) or 0}
-        self.usage.update(requests=1, **tokens)
-        return tokens
+    def _record(self, prompt_tokens, completion_tokens, batch: str | None = None) -> dict:
+        """Count one answer's tokens (and whether it came at the Batch API's price); what is kept beside it."""
+        tokens = {"prompt_tokens": prompt_tokens or 0, "completion_tokens": completion_tokens or 0}
+        with self._usage_lock:
+            self.usage.update(requests=1, **tokens)
+            if batch:
+                self.usage.update(batch_requests=1, **{f"batch_{k}": v for k, v in tokens.items()})
+        return {**tokens, "batch": batch} if batch else tokens
 
     def _safe(self, message: str) -> str:
         return message.replace(self._secret, "***") if getattr(self, "_secret", None) else message
+
+    # ------------------------------------------------------------------------------------------ the Batch API
+    def _check_batch_api(self):
+        """Refuse at once an endpoint without the Batch API (listing batches costs nothing)."""
+        import openai
+
+        try:
+            self.client.batches.list(limit=1)
+        except openai.APIStatusError as e:
+            fail(self._safe(f"TEACHER_BATCH=1, but {self.client.base_url} has no Batch API (GET batches answered "
+                            f"{e.status_code}: {e.message}); unset TEACHER_BATCH to send the requests one by one"))
+        except openai.APIConnectionError as e:
+            fail(self._safe(f"TEACHER_BATCH=1, but {self.client.base_url} cannot be reached: {e}"))
+
+    def _ask_batch(self, todo: dict, temperature: float, desc: str) -> dict:
+        """Send `todo` through the Batch API and wait for the answers: adopt or create the batches, poll them, take
+        in their output files, send again (in a new batch) what came back in an error file, at most
+        BATCH_MAX_ATTEMPTS times in all, or what an expired or cancelled batch left unanswered; then report by row
+        what still failed.  Ctrl-C or SIGTERM just exits: the batches keep running, and a rerun collects them."""
+        import openai
+
+        lines = {k: json.dumps({"custom_id": k, "method": "POST", "url": "/v1/chat/completions",
+                                "body": self._params(p, temperature, s)}, ensure_ascii=False) + "\n"
+                 for k, (p, s, _) in todo.items()}
+        wait, retry_at, refusals, failures = min(1.0, self.poll), 0.0, 0, 0
+        with tqdm(total=len(todo), desc=f"{desc} (Batch API)", unit="req") as bar, stop_signals():
+            try:
+                while True:
+                    answered, live = self.cache.get_many(todo), self.cache.open_batches(todo)
+                    bar.update(len(answered) - bar.n)
+                    given_up = {k for k, (n, _) in self.cache.batch_errors(todo).items() if n >= BATCH_MAX_ATTEMPTS}
+                    held = {k for keys in live.values() for k in keys} | given_up | set(answered)
+                    need = sorted(k for k in todo if k not in held)  # neither answered nor in a batch: to send
+                    if need and time.monotonic() >= retry_at:
+                        failures = 0 if self._submit(need, lines, desc) else failures + 1
+                        if failures > self.max_retries:
+                            fail(f"creating a batch failed {failures} times in a row; rerun the same command later "
+                                 f"(a batch created all the same is found and adopted, not paid twice)")
+                        retry_at = time.monotonic() + wait * failures
+                        live = self.cache.open_batches(todo)
+                    if not live and not need:
+                        break
+                    time.sleep(wait)
+                    wait = min(2 * wait, self.poll)
+                    statuses = Counter()
+                    for batch_id, keys in live.items():
+                        batch = self._poll(batch_id, keys)
+                        statuses[batch.status] += 1
+                        if batch.status == "failed":  # the enqueued-token limit: send again later
+                            refusals += 1
+                            delay = min(self.poll * 2 ** (refusals - 1), 600)
+                            retry_at = time.monotonic() + delay
+                            tqdm.write(f"batch {batch_id} was refused: {batch.errors.data[0].message} Sending its "
+                                       f"requests again in {delay:g} s.")
+                    bar.set_postfix_str(", ".join(f"{n} {s}" for s, n in statuses.items()))
+            except (Stop, openai.APIError) as e:
+                ids = ", ".join(sorted(self.cache.open_batches(todo))) or "none yet"
+                running = (f"the batches of this step ({ids}) keep running at the Batch API, and their ids are kept "
+                           f"in {self.cache.path}. Rerun the same command to collect their answers: nothing is paid "
+                           f"twice.")
+                if isinstance(e, Stop):
+                    exit_stopped(e, running)
+                fail(self._safe(f"the Batch API failed ({type(e).__name__}: {e}); {running}"))
+        self._report_failures(todo)
+        return self.cache.get_many(todo)
+
+    def _submit(self, need: list[str], lines: dict, desc: str) -> bool:
+        """Put the requests `need` into batches, split to fit the API's limits: for each part, adopt a batch of it
+        found at the API (one that a killed run created but could not record), or upload the part and create its
+        batch; record each batch the moment it exists.  False if creating a batch failed for a passing cause (then
+        try again later: the listing adopts a batch that was created all the same, so none is paid twice)."""
+        import openai
+
+        parts, part, size = [], [], 0
+        for key in need:
+            if part and (len(part) >= BATCH_MAX_REQUESTS or size + len(lines[key].encode()) > BATCH_MAX_BYTES):
+                parts.append(part)
+                part, size = [], 0
+            part.append(key)
+            size += len(lines[key].encode())
+        parts.append(part)
+        found = None
+        for number, part in enumerate(parts, 1):
+            metadata = batch_metadata(desc, part, number, len(parts))
+            try:
+                found = self._listed() if found is None else found
+                batch, action = found.get(metadata["keys_sha256"]), "adopted"
+                if batch is None:
+                    file = self.client.files.create(file=(f"{metadata['keys_sha256'][:16]}.jsonl",
+                                                          "".join(lines[k] for k in part).encode()), purpose="batch")
+                    batch, action = self.client.with_options(max_retries=0).batches.create(  # not retried blindly
+                        input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h",
+                        metadata=metadata), "created"
+            except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError) as e:
+                tqdm.write(self._safe(f"creating a batch failed ({type(e).__name__}: {e}); trying again soon"))
+                return False
+            except openai.APIStatusError as e:
+                fail(self._safe(f"the Batch API refused a batch of {len(part):,} requests ({desc}): "
+                                f"{e.status_code}: {e.message}"))
+            self.cache.record_batch(batch.id, part)
+            tqdm.write(f"{action} batch {batch.id}: {len(part):,} requests ({desc}, part {number} of {len(parts)})")
+        return True
+
+    def _listed(self) -> dict:
+        """{keys_sha256: batch} of the batches at the API that this module created and no cache here knows of (not
+        failed; newest first; of the last 30 days, as long as their output files are kept)."""
+        known, since, found = self.cache.known_batches(), time.time() - 30 * 86400, {}
+        for batch in self.client.batches.list(limit=100):  # the client fetches page after page
+            if batch.created_at < since:
+                break
+            metadata = batch.metadata or {}
+            if metadata.get("source") == BATCH_TAG and batch.id not in known and batch.status != "failed":
+                found.setdefault(metadata.get("keys_sha256"), batch)
+        return found
+
+    def _poll(self, batch_id: str, keys: list[str]):
+        """Look at a batch (holding `keys`); once it has ended, take in its answers and count its failed requests (in
+        one transaction) so that what is missing goes out again.  A batch that failed for another cause than the
+        enqueued-token limit stops the step."""
+        batch = self.client.batches.retrieve(batch_id)
+        if batch.status in RUNNING:
+            return batch
+        if batch.status == "failed":
+            errors = batch.errors.data if batch.errors and batch.errors.data else []
+            self.cache.take_in_batch(batch_id, {}, {})  # nothing of it ran: its requests are free to go again
+            if not any(e.code == "token_limit_exceeded" for e in errors):
+                causes = "; ".join(f"{e.code}: {e.message}" + (f" (line {e.line})" if e.line else "") for e in errors)
+                fail(f"batch {batch_id} failed: {causes or 'no cause given'}. None of its requests ran (nothing was "
+                     f"paid); rerun the same command once the cause is fixed.")
+            return batch
+        answers, errors = {}, {}  # completed, expired or cancelled
+        for file_id in (batch.output_file_id, batch.error_file_id):
+            for line in self.client.files.content(file_id).text.splitlines() if file_id else []:
+                line = json.loads(line)
+                response, error = line.get("response") or {}, line.get("error") or {}
+                body = response.get("body") or {}
+                choices = body.get("choices") or [{}]
+                text = (choices[0].get("message") or {}).get("content")
+                if response.get("status_code") == 200 and text:
+                    usage = body.get("usage") or {}
+                    answers[line["custom_id"]] = (text, self._record(usage.get("prompt_tokens"),
+                                                                     usage.get("completion_tokens"), batch_id))
+                elif error.get("code") not in ("batch_expired", "batch_cancelled"):  # those are simply sent again
+                    cause = (body.get("error") or {}).get("message") or error.get("message") or "the answer was empty"
+                    errors[line["custom_id"]] = f"HTTP {response.get('status_code')}: {cause}" if response else cause
+        if batch.status == "completed":  # a request that a completed batch left out of both files failed too
+            errors.update({k: "missing from the batch's output" for k in keys if k not in answers and k not in errors})
+        self.cache.take_in_batch(batch_id, answers, errors)
+        return batch
+
+    def _collect_batches(self, todo: dict) -> dict:
+        """One by one, after a TEACHER_BATCH=1 run: take in the answers of its batches that have ended (returned),
+        and refuse to ask one by one for requests that are in a batch still running (they would be paid twice)."""
+        open_batches = self.cache.open_batches(todo)
+        running = [b for b, keys in open_batches.items() if self._poll(b, keys).status in RUNNING]
+        if running:
+            fail(f"{len(running)} batch(es) of this step are still running at the Batch API ({', '.join(running)}): "
+                 f"rerun with TEACHER_BATCH=1 to wait for them, or cancel them first; asking one by one now would "
+                 f"pay for their requests twice")
+        return self.cache.get_many(todo) if open_batches else {}
+
+    def _report_failures(self, todo: dict):
+        failed = self.cache.batch_errors(todo)
+        failed = {k: cause for k, (n, cause) in failed.items() if n >= BATCH_MAX_ATTEMPTS}
+        if not failed:
+            return
+        self.cache.clear_batch_errors(failed)  # a rerun tries them afresh
+        rows = "; ".join(f"row {todo[k][2]}: {cause}" for k, cause in list(failed.items())[:5])
+        more = f" (and {len(failed) - 5:,} more)" if len(failed) > 5 else ""
+        kept = len(self.cache.get_many(todo))
+        fail(self._safe(f"{len(failed):,} teacher requests failed in the Batch API {BATCH_MAX_ATTEMPTS} times: {rows}"
+                        f"{more}. The {kept:,} answers received are kept in {self.cache.path}; rerun the same command "
+                        f"to try those again."))
 
     # ------------------------------------------------------------------------------------------ local model
     def _ask_local(self, todo: dict, temperature: float, desc: str) -> dict:
@@ -141,7 +503,7 @@ class Teacher:
 
         if self._local is None:
             self._local = llm.load_model(self.path, cache=self.cache, max_new_tokens=self.max_tokens,
-                                         batch_size=int(os.environ.get("TEACHER_BATCH_SIZE", 8)))
+                                         batch_size=setting("TEACHER_BATCH_SIZE", 8))
         answers = {}
         for sample in sorted({s for _, s, _ in todo.values()}):
             group = {k: p for k, (p, s, _) in todo.items() if s == sample}
@@ -151,7 +513,69 @@ class Teacher:
             self.usage["requests"] += len(group)
         return answers
 
+    # ------------------------------------------------------------------------------------------ cost
+    def price(self) -> tuple[float, float] | None:
+        """USD per 1M prompt and completion tokens of this model, or None if unknown."""
+        if self.kind == "local":
+            return 0.0, 0.0
+        names = [name for name in self.prices if self.model == name or self.model.startswith(name + "-")]
+        return self.prices[max(names, key=len)] if names else None
+
+    def usd(self, prompt_tokens: float, completion_tokens: float, batch: bool = False) -> float | None:
+        """What these tokens cost at list prices (half through the Batch API); None for an unknown model."""
+        price = self.price()
+        if price is None:
+            return None
+        return (prompt_tokens * price[0] + completion_tokens * price[1]) / 1e6 * (BATCH_DISCOUNT if batch else 1)
+
+    def cost(self, usd: float | None) -> str:
+        if self.kind == "local":
+            return "no API cost (a local model)"
+        if usd is None:
+            return f"cost unknown (no price for {self.model}: give one in TEACHER_PRICES)"
+        return f"${usd:,.4f}"
+
     def report(self) -> str:
         u = self.usage
+        direct = self.usd(u["prompt_tokens"] - u["batch_prompt_tokens"],
+                          u["completion_tokens"] - u["batch_completion_tokens"])
+        batch = self.usd(u["batch_prompt_tokens"], u["batch_completion_tokens"], batch=True)
+        usd = None if direct is None else direct + batch
+        discount = (f"; the Batch API's {1 - BATCH_DISCOUNT:.0%} discount applied to {u['batch_requests']:,} of them"
+                    if u["batch_requests"] else "")
         return (f"teacher {self.model}: {u['requests']:,} new requests ({u['prompt_tokens']:,} prompt + "
-                f"{u['completion_tokens']:,} completion tokens), {u['cached']:,} answers from the cache")
+                f"{u['completion_tokens']:,} completion tokens: {self.cost(usd)}"
+                f"{' at list prices' if usd is not None and self.kind != 'local' else ''}{discount}), "
+                f"{u['cached']:,} answers from the cache")
+
+    def estimate(self, calls):
+        """--dry_run: print, for each (desc, prompts, temperature, samples) in `calls`, the requests that are not in
+        the cache, about how many tokens they hold and what they would cost; then exit, having sent nothing."""
+        mean, n = self.cache.average("completion_tokens")
+        guess = (f"{mean:,.0f} per answer, the mean of the {n:,} answers in the cache" if n else
+                 f"a guess of {min(GUESSED_ANSWER_TOKENS, self.max_tokens)} per answer")
+        mean = mean if n else min(GUESSED_ANSWER_TOKENS, self.max_tokens)
+        how = "through the Batch API (half price)" if self.batch else "one by one"
+        lines, total = [], Counter()
+        for desc, prompts, temperature, samples in calls:
+            keys = [self.key(p, temperature, s) for p, s in zip(prompts, samples)]
+            cached = self.cache.get_many(keys)
+            new = {k: p for k, p in zip(keys, prompts) if k not in cached}
+            tokens = Counter(requests=len(new), cached=len(set(keys)) - len(new),
+                             prompt=sum(len(p) for p in new.values()) / CHARS_PER_TOKEN,
+                             completion=len(new) * mean, most=len(new) * self.max_tokens)
+            total.update(tokens)
+            lines.append(self._estimate_line(desc, tokens))
+        if len(calls) > 1:
+            lines.append(self._estimate_line("all of the above", total))
+        if parallel.is_main_process():
+            print(f"dry run, nothing sent: the teacher {self.model}, {how}. Prompt tokens are approximate (characters /"
+                  f" {CHARS_PER_TOKEN}); completion tokens are estimated ({guess}) and at most TEACHER_MAX_TOKENS="
+                  f"{self.max_tokens} per request.\n" + "\n".join(lines), flush=True)
+        raise SystemExit(0)
+
+    def _estimate_line(self, desc: str, t: Counter) -> str:
+        return (f"  {desc}: {t['requests']:,.0f} requests ({t['cached']:,.0f} more answered by the cache), "
+                f"~{t['prompt']:,.0f} prompt tokens, ~{t['completion']:,.0f} completion tokens (at most "
+                f"{t['most']:,.0f}): ~{self.cost(self.usd(t['prompt'], t['completion'], self.batch))} (at most "
+                f"{self.cost(self.usd(t['prompt'], t['most'], self.batch))})")

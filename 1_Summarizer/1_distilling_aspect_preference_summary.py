@@ -3,6 +3,7 @@ User Preference Elements (temperature 0.2, as the official code).
 
 reads   Data/<dataset>/raw_data/train.pkl
 writes  Data/<dataset>/train_aspect_preference_summary.pkl  (+ column review_summary)
+--dry_run prints the requests, tokens and cost it would send the teacher, and stops before sending any.
 """
 import sys
 from pathlib import Path
@@ -10,15 +11,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: utils, prompts, teacher
 
 from prompts import PromptArguments, summary_prompt
-from teacher import Teacher
+from teacher import Teacher, TeacherArguments
 from utils import parse_args, read_table, write_pickle
 
-args, prompt = parse_args(PromptArguments, data_parallel=True)
-teacher = Teacher(args.file("teacher_cache.sqlite"))  # checks the settings before any work
+args, prompt, teacher_args = parse_args(PromptArguments, TeacherArguments, data_parallel=True)
+teacher = Teacher(args.file("teacher_cache.sqlite"), teacher_args.dry_run)  # checks the settings before any work
 reviews = read_table(args, "raw_data/train.pkl")
 
 prompts = [summary_prompt(prompt.product_class, r.title, r.ratings, r.reviews) for r in reviews.itertuples()]
 labels = [f"{i} of raw_data/train.pkl (user {r.user_id}, item {r.item_id})" for i, r in enumerate(reviews.itertuples())]
+# (under --dry_run, this prints what the teacher would be sent and what it would cost, and stops)
 reviews["review_summary"] = teacher.ask(prompts, temperature=0.2, labels=labels, desc="teacher summaries")
 
 write_pickle(reviews, args.file("train_aspect_preference_summary.pkl"))

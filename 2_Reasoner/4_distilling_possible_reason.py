@@ -5,6 +5,7 @@ else up to 10 hinted retries, rejecting reasons that give the rating away; targe
 reads   Data/<dataset>/train_12000.pkl, train_summarizer_generation_results.pkl, the reward model, the teacher
 writes  Data/<dataset>/distilling_high_quality_reasons.pkl  (+ personalized_analysis, reason_attempt: 0 = unhinted)
         Data/<dataset>/distilling_report.json  (acceptance rates)
+--dry_run prints the requests, tokens and cost of every round (the hinted ones at most), before any model is loaded.
 """
 import sys
 from pathlib import Path
@@ -15,24 +16,37 @@ from histories import load_histories
 from llm import ModelArguments, load_expert
 from prompts import HistoryPromptArguments, rating_prompt, reason_prompt
 from reason_filter import FilterArguments, keep_helpful_reasons
-from teacher import Teacher
+from teacher import Teacher, TeacherArguments
 from utils import fail, parse_args, read_table, write_json, write_pickle
 
-args, prompt, model_args, distill = parse_args(HistoryPromptArguments, ModelArguments, FilterArguments,
-                                               data_parallel=True)
-teacher = Teacher(args.file("teacher_cache.sqlite"))  # checks the settings before any work
+args, prompt, model_args, distill, teacher_args = parse_args(HistoryPromptArguments, ModelArguments, FilterArguments,
+                                                             TeacherArguments, data_parallel=True)
+teacher = Teacher(args.file("teacher_cache.sqlite"), teacher_args.dry_run)  # checks the settings before any work
 targets = read_table(args, "train_12000.pkl")
 contexts = load_histories(args, prompt).for_rows(targets)
-reward_model = load_expert(args, model_args, "reason_reward_model")
 labels = [f"{i} of train_12000.pkl (user {t.user_id}, item {t.item_id})" for i, t in enumerate(targets.itertuples())]
 
 
+def temperature(attempt):
+    return distill.temperature if attempt else distill.first_temperature
+
+
+def reason_prompts(rows, attempt):
+    """The teacher's prompts for these targets: unhinted at attempt 0, with the true rating as a hint after."""
+    return [reason_prompt(prompt.product_class, targets.title[i], contexts[i],
+                          hint=targets.ratings[i] if attempt else None) for i in rows]
+
+
+if teacher.dry_run:  # every round priced before any model is loaded; a hinted round asks only for the targets left
+    everyone = range(len(targets))
+    teacher.estimate([(f"teacher reasons, attempt {a}{' (at most)' if a else ''}", reason_prompts(everyone, a),
+                       temperature(a), [a] * len(targets)) for a in range(distill.max_sample_num + 1)])
+reward_model = load_expert(args, model_args, "reason_reward_model")
+
+
 def ask(rows, attempt):
-    """The teacher's reasons for these targets: unhinted at attempt 0, with the true rating as a hint after."""
-    prompts = [reason_prompt(prompt.product_class, targets.title[i], contexts[i],
-                             hint=targets.ratings[i] if attempt else None) for i in rows]
-    temperature = distill.temperature if attempt else distill.first_temperature
-    return teacher.ask(prompts, temperature=temperature, samples=[attempt] * len(rows),
+    """The teacher's reasons for these targets; each round is one call (one batch under TEACHER_BATCH=1)."""
+    return teacher.ask(reason_prompts(rows, attempt), temperature=temperature(attempt), samples=[attempt] * len(rows),
                        labels=[labels[i] for i in rows], desc=f"teacher reasons, attempt {attempt}")
 
 
