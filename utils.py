@@ -48,6 +48,7 @@ PRODUCERS = {
     "Direct_Predictor": "NAME=Direct_Predictor bash 3_Predictor/2_predictor_train.sh",
     "rating_for_test_by_predictor.pkl": "3_Predictor/3_generate_predict_for_test.py",
     "rating_for_test_direct.pkl": "3_Predictor/3_generate_predict_for_test.py --no_reason",
+    "reason_for_test_by_teacher.pkl": "3_Predictor/5_evaluate_reasons.py --with_teacher",
 }
 
 
@@ -192,6 +193,35 @@ def read_json(path: str | Path) -> dict:
         fail(f"{path} cannot be read ({type(e).__name__}: {e}); repair or delete it.")
 
 
+def matched(rows: pd.DataFrame, other: pd.DataFrame, column: str):
+    """`other[column]` for each of `rows`, matched on (user, item, time) (and the order among equal keys), as an
+    array; None if `other` does not cover exactly these rows.  Missing values in `column` are kept as they are."""
+    key = ["user_id", "item_id", "unixReviewTime"]
+
+    def keyed(df):
+        return df[key].assign(nth=df.groupby(key).cumcount().to_numpy())
+
+    if len(other) != len(rows):
+        return None
+    joined = keyed(rows).merge(keyed(other).assign(value=other[column].to_numpy()), how="left", on=key + ["nth"],
+                               indicator=True)
+    return None if (joined["_merge"] != "both").any() else joined["value"].to_numpy()
+
+
+def paired_interval(differences, seed: int = 0) -> tuple[float, float]:
+    """The 95% interval of the mean of per-row differences between two methods on the same rows: a percentile
+    bootstrap over the rows, 10,000 resamples, fixed seed (so reruns give the same interval)."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    differences = np.asarray(differences, dtype=float)
+    if len(differences) < 2:
+        return float("nan"), float("nan")
+    low, high = bootstrap((differences,), np.mean, n_resamples=10_000, method="percentile",
+                          rng=np.random.default_rng(seed)).confidence_interval
+    return float(low), float(high)
+
+
 # ---------------------------------------------------------------------------------------------- writing files
 def atomic_write(path: str | Path, write, mode="wb"):
     """Write through a temporary file in the same folder and rename it into place: a reader (or a rerun after a
@@ -228,7 +258,7 @@ def write_json(obj, path: str | Path):
 
 # ---------------------------------------------------------------------------------------------- provenance
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "unsloth", "bitsandbytes", "pandas",
-            "numpy", "scikit-surprise", "openai")
+            "numpy", "scikit-surprise", "openai", "rouge-score")
 
 
 def sha256(path: str | Path) -> str:

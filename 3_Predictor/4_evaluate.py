@@ -21,34 +21,18 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pandas as pd
-from scipy.stats import bootstrap
 from sklearn.metrics import mean_absolute_error, root_mean_squared_error
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: utils, baselines
 
 from baselines import baselines
-from utils import COLUMNS, atomic_write, fail, parse_args, provenance, read_table, write_json
+from utils import COLUMNS, atomic_write, fail, matched, paired_interval, parse_args, provenance, read_table, write_json
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-KEY = ["user_id", "item_id", "unixReviewTime"]
 OURS = "Reason4Rec (Reasoner + Predictor)"
 LLM_METHODS = {"Direct Predictor (no reason)": "rating_for_test_direct.pkl", OURS: "rating_for_test_by_predictor.pkl"}
-
-
-def matched(rows: pd.DataFrame, predictions: pd.DataFrame) -> np.ndarray | None:
-    """`predictions`' pred for each of `rows`, matched on (user, item, time) (and the order among equal keys); None
-    if it does not cover exactly these rows."""
-    def keyed(df):
-        return df[KEY].assign(nth=df.groupby(KEY).cumcount())
-
-    if len(predictions) != len(rows):
-        return None
-    joined = keyed(rows).merge(keyed(predictions).assign(pred=predictions["pred"].to_numpy()), how="left",
-                               on=KEY + ["nth"])
-    return None if joined["pred"].isna().any() else joined["pred"].to_numpy()
-
 
 (args,) = parse_args()
 result = read_table(args, LLM_METHODS[OURS], COLUMNS + ["pred"])
@@ -62,8 +46,8 @@ inputs = [args.file("raw_data/train.pkl")]
 for name, file in LLM_METHODS.items():
     if not args.file(file).exists():
         continue
-    pred = matched(result, read_table(args, file, COLUMNS + ["pred"]))
-    if pred is None:
+    pred = matched(result, read_table(args, file, COLUMNS + ["pred"]), "pred")
+    if pred is None or pd.isna(pred).any():
         print(f"note: {args.file(file)} covers other rows than {args.file(LLM_METHODS[OURS])}; {name} left out")
         continue
     methods[name] = pred
@@ -90,8 +74,7 @@ print(f"\n{metrics['rows_without_user_history']:,} test rows have no earlier rev
 table = metrics["results"]["all"]
 best = min((k for k in table if k != OURS), key=lambda k: table[k]["MAE"])
 difference = np.abs(truth - methods[OURS]) - np.abs(truth - methods[best])  # per row: < 0 where ours is closer
-low, high = bootstrap((difference,), np.mean, n_resamples=10_000, method="percentile",
-                      rng=np.random.default_rng(0)).confidence_interval
+low, high = paired_interval(difference)
 metrics["mae_difference_to_best"] = {"best": best, "difference": round(difference.mean(), 4),
                                      "ci95": [round(low, 4), round(high, 4)]}
 metrics["verdict"] = (f"Reason4Rec {'beats' if difference.mean() < 0 else 'does not beat'} the best other method by "
