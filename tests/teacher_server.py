@@ -2,9 +2,9 @@
 benchmarks: the real `openai` client talks to it over HTTP.
 
 Its answers are deterministic functions of the request (prompt, temperature, seed), shaped like the teacher's
-(summaries, reasons).  It counts every request it answers, can add latency, and can misbehave on purpose:
-`faults` is a list of what to do to the next requests in turn ("429", "500", "timeout", "malformed", "empty",
-"no_choices", or None for a normal answer).  `hold(n)` makes it answer n requests in all and then leave every
+(summaries, reasons, a judge's scores).  It counts every request it answers, can add latency, and can misbehave on
+purpose: `faults` is a list of what to do to the next requests in turn ("429", "500", "timeout", "malformed",
+"empty", "no_choices", or None for a normal answer).  `hold(n)` makes it answer n requests in all and then leave every
 further one hanging unanswered, until `release()` drops those and goes back to normal: a client can then be killed at
 a known point: once n answers are out (`answers >= n`), nothing is in flight that the server would answer.
 """
@@ -25,6 +25,8 @@ def teacher_answer(prompt: str, temperature: float = 0.0, seed=None) -> str:
     """A plausible, deterministic answer of the teacher to one of the pipeline's prompts."""
     rng = random.Random(hashlib.sha256(f"{prompt}|{temperature}|{seed}".encode()).digest())
     pick = lambda n: ", ".join(rng.sample(WORDS, n)).title()  # noqa: E731
+    if prompt.startswith("You are grading an analysis"):  # the judge of 3_Predictor/5_evaluate_reasons.py
+        return f"Score: {rng.randint(1, 10)}\nThe analysis anticipates {pick(2).lower()}."
     if prompt.startswith("Task: Summarize"):
         return f"Positive Aspects: {pick(3)}\nNegative Aspects: {pick(2)}\nUser Preference Elements: {pick(3)}"
     if "Analyze whether the user will like" in prompt:
