@@ -1,5 +1,6 @@
-"""The base model and its LoRA experts: one way to load them, and the two things the pipeline asks of an expert,
-batched and cached: write answers (`Expert.generate`) and rate (`Expert.score`, the paper's logits-weighted rating).
+"""The base model and its LoRA experts: one way to load them, and what the pipeline asks of a model, batched and
+cached: write answers (`Expert.generate`), rate (`Expert.score`, the paper's logits-weighted rating), and, to judge
+the reasons, the likelihood of a given answer (`Expert.loglikelihood`, GPTScore).
 
 The paper runs everything through Unsloth's FastLanguageModel; where Unsloth is installed it is used here too,
 otherwise transformers + PEFT (+ bitsandbytes for 4-bit) do the same job.  REASON4REC_BACKEND=hf|unsloth forces
@@ -176,8 +177,9 @@ def load_expert(data: DataArguments, args: ModelArguments, name: str) -> "Expert
 
 class Expert:
     """A language model (a base model, or a base model with a LoRA adapter) and what the pipeline asks of it:
-    `generate` answers, or `score` the rating after "Predicted Rating: ".  Work goes in length-sorted batches, each
-    kept in `cache` as soon as it is done, under keys that include `model_id` (a fingerprint of the weights)."""
+    `generate` answers, `score` the rating after "Predicted Rating: ", or the `loglikelihood` of given answers.  Work
+    goes in length-sorted batches, each kept in `cache` as soon as it is done, under keys that include `model_id` (a
+    fingerprint of the weights)."""
 
     def __init__(self, model, tokenizer, model_id: str = "", *, cache: ResultCache | None = None, batch_size: int = 8,
                  max_new_tokens: int = 1024, double_bos: bool = False):
@@ -204,9 +206,9 @@ class Expert:
         sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else \
             dict(do_sample=False, temperature=None, top_p=None, top_k=None)
 
-        def compute(batch, first):
+        def compute(batch, rows):
             if temperature > 0:  # a seed per batch, and batches depend on the inputs only: reruns sample the same
-                torch.manual_seed(seed * 1_000_003 + first)
+                torch.manual_seed(seed * 1_000_003 + rows[0])
             inputs = _pad(tokenizer, batch, "left").to(model.device)
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=stop_token_ids(model, tokenizer), **sampling)
@@ -230,7 +232,7 @@ class Expert:
         keys = [ResultCache.key("rating", self.model_id, t) for t in texts]
         digits = torch.tensor(rating_token_ids(tokenizer))
 
-        def compute(batch, first):
+        def compute(batch, rows):
             last = torch.tensor([len(seq) - 1 for seq in batch])
             input_ids = _pad(tokenizer, batch, "right")["input_ids"]
             keep = torch.unique(last)  # the sequence positions whose logits are needed, sorted
@@ -242,6 +244,44 @@ class Expert:
 
         return np.array(_run_batched(keys, ids, batch_size or self.batch_size, self.cache, desc, compute, share),
                         dtype=float)
+
+    @torch.no_grad()
+    def loglikelihood(self, questions, answers, *, desc: str = "log-likelihood",
+                      batch_size: int | None = None) -> np.ndarray:
+        """GPTScore (Fu et al., 2023): the mean log-probability (nats per token) of each `answers[i]` as the assistant's
+        reply to the user turn `questions[i]`.  The sequence is the chat template's rendering of the user turn, then
+        the answer's own tokens (encoded alone: what the model would generate there, whatever the tokenizer would
+        merge across the boundary); only the answer's tokens count, not the template's end-of-turn token.  An empty
+        answer has no tokens: NaN.
+
+        Padded on the right without a padding mask, as `score`: every answer token lies before its row's padding.
+        Only the logits of the answers' positions are computed; a batch holds batch_size x answer length x
+        vocabulary of them, which `batch_size` bounds."""
+        model, tokenizer = self.model, self.tokenizer
+        prompts, answers = [chat_text(tokenizer, q) for q in questions], [str(a) for a in answers]
+        if not prompts:
+            return np.array([], dtype=float)
+        answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
+        ids = [p + a for p, a in zip(self.encode(prompts), answer_ids)]
+        keys = [ResultCache.key("loglikelihood", self.model_id, p, a) for p, a in zip(prompts, answers)]
+
+        def compute(batch, rows):
+            spans = [(len(seq) - len(answer_ids[i]), len(seq)) for seq, i in zip(batch, rows)]  # the answer's tokens
+            if all(start == end for start, end in spans):
+                return [float("nan")] * len(batch)
+            input_ids = _pad(tokenizer, batch, "right")["input_ids"]
+            # The logits at position t predict token t + 1: those of positions start - 1 .. end - 2 are needed.
+            keep = torch.unique(torch.cat([torch.arange(start - 1, end - 1) for start, end in spans]))
+            logits = model(input_ids=input_ids.to(model.device), logits_to_keep=keep.to(model.device)).logits
+            means = []
+            for row, (start, end) in enumerate(spans):
+                at = torch.searchsorted(keep, torch.arange(start - 1, end - 1)).to(logits.device)
+                logprobs = torch.log_softmax(logits[row, at].float(), dim=-1)
+                targets = input_ids[row, start:end].to(logprobs.device)
+                means.append(logprobs.gather(-1, targets[:, None]).mean().item() if end > start else float("nan"))
+            return means
+
+        return np.array(_run_batched(keys, ids, batch_size or self.batch_size, self.cache, desc, compute), dtype=float)
 
 
 # ---------------------------------------------------------------------------------------------- batching
@@ -264,8 +304,9 @@ def _pad(tokenizer, ids, side: str):
 
 
 def _run_batched(keys, ids, batch_size, cache, desc, compute, share: bool = True):
-    """Run `compute(batch_ids, batch_index)` over length-sorted batches, skipping batches whose answers are cached and
-    committing each new batch to the cache at once.  Returns the answers in input order.
+    """Run `compute(batch_ids, batch_rows)` (a batch's token ids and their indices in `ids`) over length-sorted
+    batches, skipping batches whose answers are cached and committing each new batch to the cache at once.  Returns
+    the answers in input order.
 
     In a data-parallel run (parallel.py) process k takes batches k, k + N, k + 2N, ... of the batches a single
     process would form (so that every answer is the one a single run computes), and the answers are gathered; with
@@ -278,7 +319,7 @@ def _run_batched(keys, ids, batch_size, cache, desc, compute, share: bool = True
     with tqdm(total=sum(map(len, mine)), initial=sum(map(len, mine)) - sum(map(len, todo)), desc=desc,
               unit="prompt", disable=rank != 0 or desc is None) as bar:
         for b in todo:
-            answers = compute([ids[i] for i in b], b[0])
+            answers = compute([ids[i] for i in b], b)
             for i, answer in zip(b, answers):
                 results[i] = answer
             if cache is not None:

@@ -11,9 +11,16 @@ and the answer format that the reward model and the Predictor learn ("Predicted 
 One deliberate change: where a user or item has no earlier review, the official prompts show "nan" averages
 and an empty history; here they show "N/A" (see README, differences).
 
+Two more, this project's own, judge the reasons (3_Predictor/5_evaluate_reasons.py); the paper scores reasons with
+GPTScore but does not publish its template, and has no LLM judge:
+
+6. gptscore_prompt  - a fixed instruction and a reason: the user turn whose answer, the real review, GPTScore scores
+7. judge_prompt     - a rubric, the real review and a reason -> "Score: N" (1-10), read by judge_score
+
 The settings that shape prompts (the product class, the history length) are recorded with the data on first use
 (utils.recorded), so that no step can build its prompts differently from the others.
 """
+import re
 from dataclasses import dataclass
 
 from histories import History, Review
@@ -153,3 +160,44 @@ def direct_prediction_prompt(product_class: str, title: str, history: History) -
     its analysis block, ending with its own "Based on the above information" (not prompt 3's closing sentence)."""
     return _rating_context(product_class, title, history) + \
         f"""Based on the above information, please predict the user's rating for "{title}", """ + _RATING_OUTPUT
+
+
+# ---------------------------------------------------------------------------------------------- judging the reasons
+# This project's own texts (not the paper's): what a reason is judged by against the review the user then wrote.
+GPTSCORE_INSTRUCTION = ("Here is an analysis of whether a user will enjoy an item. "
+                        "Write the review this user wrote for it.")
+
+
+def gptscore_prompt(analysis: str) -> str:
+    """The user turn to which GPTScore takes the real review as the answer (llm.Expert.loglikelihood)."""
+    return f"{GPTSCORE_INSTRUCTION}\n\n### Analysis ###\n{analysis}"
+
+
+JUDGE_TEMPLATE = """You are grading an analysis that was written, before a user reviewed an item, to anticipate whether the user would enjoy it. Compare it with the review the user actually wrote.
+
+### The user's real review ###
+@@@review###
+
+### The analysis ###
+@@@analysis###
+
+Rubric: does the analysis anticipate the user's stated likes and dislikes?
+10-9: it anticipates the main things the user liked and disliked, and the user's overall verdict.
+8-6: it anticipates the overall verdict and some of the stated likes or dislikes.
+5-3: it is generic, or reaches the right verdict for reasons the user does not give.
+2-1: it contradicts the review, misses everything the user said, or is empty.
+Judge what the analysis anticipates, not its style or length.
+
+Answer with "Score: N" (N an integer from 1 to 10) on the first line, then one sentence saying why."""
+
+
+def judge_prompt(review: str, analysis: str) -> str:
+    # filled with str.replace, like the official templates, so that braces in a text cannot break it
+    return JUDGE_TEMPLATE.replace("@@@review###", str(review)).replace("@@@analysis###", str(analysis))
+
+
+def judge_score(answer: str) -> float | None:
+    """The judge's score (1-10) from its answer ("Score: 7", "score = 7/10", "**Score:** 7"); None if it gives none."""
+    found = re.search(r"score\W{0,4}(\d+(?:\.\d+)?)", str(answer), flags=re.IGNORECASE)
+    return float(found.group(1)) if found and 1 <= float(found.group(1)) <= 10 else None
+

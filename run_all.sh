@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole Reason4Rec pipeline, every numbered step in order, and ends with the evaluation table.
+# Runs the whole Reason4Rec pipeline, every numbered step in order, and ends with the evaluation tables: the ratings,
+# then the quality of the reasons.
 #
 #   bash run_all.sh                       the embedded default demo: a slice of real Amazon Musical Instruments
 #                                         reviews ($REVIEWS_FILE, see scripts/demo_reviews.py; downloaded where
@@ -11,7 +12,8 @@
 # Extra arguments per kind of step, from the environment (empty unless the demo sets them):
 #   DATA_ARGS (every Python step, e.g. --data_dir X), TRAIN_ARGS (every *_train.sh), GEN_ARGS (generating and
 #   scoring steps), SUMMARY_ARGS (1_Summarizer/1), SAMPLE_ARGS (2_Reasoner/1), DISTILL_ARGS (2_Reasoner/4),
-#   GRPO_ARGS (4_GRPO/1_reasoner_grpo_train.sh).
+#   GRPO_ARGS (4_GRPO/1_reasoner_grpo_train.sh), JUDGE_ARGS (3_Predictor/5; default --judge unless TEACHER=local;
+#   e.g. "--judge --with_teacher").
 # Settings that shape prompts (the product class, the history length) are recorded in Data/<dataset>/dataset.json
 # when the data is prepared (the demo: PREPARE_ARGS="--max_his 5"), and every step uses them.
 # Data/ and checkpoints/ are read and written under the current folder, as by every step.  STEP_LOG=file appends a
@@ -97,5 +99,8 @@ step "GRPO 2: reasons for the $split rows"    python "$R/4_GRPO/2_generate_reaso
 step "GRPO 3: rate the $split rows"           python "$R/4_GRPO/3_generate_predict_for_test.py" --split $split ${GEN_ARGS:-} ${DATA_ARGS:-}
 done
 step "Evaluate: ratings"                      python "$R/3_Predictor/4_evaluate.py" ${DATA_ARGS:-}
+# the teacher as judge where it is a remote LLM, not a local model (the demo's is SmolLM2-135M)
+JUDGE_ARGS="${JUDGE_ARGS-$([ "${TEACHER:-openai}" = local ] || echo --judge)}"
+step "Evaluate: reasons"                      python "$R/3_Predictor/5_evaluate_reasons.py" ${JUDGE_ARGS:-} ${DATA_ARGS:-}
 }
 echo; echo "run_all: all $step_number steps done in $((SECONDS - started)) s"

@@ -59,6 +59,7 @@ PRODUCERS = {
     "reason_for_valid_by_reasoner_grpo.pkl": "4_GRPO/2_generate_reason_for_test.py --split valid",
     "rating_for_test_by_predictor_grpo.pkl": "4_GRPO/3_generate_predict_for_test.py",
     "rating_for_valid_by_predictor_grpo.pkl": "4_GRPO/3_generate_predict_for_test.py --split valid",
+    "reason_for_test_by_teacher.pkl": "3_Predictor/5_evaluate_reasons.py --with_teacher",
 }
 
 
@@ -340,7 +341,7 @@ def write_json(obj, path: str | Path):
 
 # ---------------------------------------------------------------------------------------------- provenance
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "unsloth", "bitsandbytes", "pandas",
-            "numpy", "scikit-surprise", "openai")
+            "numpy", "scikit-surprise", "openai", "rouge-score")
 
 
 def sha256(path: str | Path) -> str:

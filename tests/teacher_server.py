@@ -11,7 +11,7 @@
     POST /v1/batches/{id}/cancel       cancelling -> cancelled
 
 Its answers are deterministic functions of the request (prompt, temperature, seed), shaped like the teacher's
-(summaries, reasons), the same through both routes.  It counts what a real API would bill: `answered` holds, for
+(summaries, reasons, a judge's scores), the same through both routes.  It counts what a real API would bill: `answered` holds, for
 every request (its JSON body), how often it was answered, one by one or as a line of a finished batch; `repeated`
 is how many of those were paid twice.
 
@@ -52,6 +52,8 @@ def teacher_answer(prompt: str, temperature: float = 0.0, seed=None) -> str:
     """A plausible, deterministic answer of the teacher to one of the pipeline's prompts."""
     rng = random.Random(hashlib.sha256(f"{prompt}|{temperature}|{seed}".encode()).digest())
     pick = lambda n: ", ".join(rng.sample(WORDS, n)).title()  # noqa: E731
+    if prompt.startswith("You are grading an analysis"):  # the judge of 3_Predictor/5_evaluate_reasons.py
+        return f"Score: {rng.randint(1, 10)}\nThe analysis anticipates {pick(2).lower()}."
     if prompt.startswith("Task: Summarize"):
         return f"Positive Aspects: {pick(3)}\nNegative Aspects: {pick(2)}\nUser Preference Elements: {pick(3)}"
     if "Analyze whether the user will like" in prompt:

@@ -13,6 +13,7 @@ PARALLEL = [  # script, its arguments, its output
     ("1_Summarizer/4_summarizer_generation.py", ["--max_new_tokens", "12", "--batch_size", "16"],
      "train_summarizer_generation_results.pkl"),
     ("3_Predictor/3_generate_predict_for_test.py", ["--batch_size", "4"], "rating_for_test_by_predictor.pkl"),
+    ("3_Predictor/5_evaluate_reasons.py", ["--batch_size", "4"], "reason_quality.json"),
 ]
 
 

@@ -191,6 +191,7 @@ STEPS = [  # script, an input it needs, the step that writes that input
     ("3_Predictor/1_construct_predictor_train_data.py", "distilling_high_quality_reasons.pkl", "2_Reasoner/4_"),
     ("3_Predictor/3_generate_predict_for_test.py", "reason_for_test_by_reasoner.pkl", "2_Reasoner/7_"),
     ("3_Predictor/4_evaluate.py", "rating_for_test_by_predictor.pkl", "3_Predictor/3_"),
+    ("3_Predictor/5_evaluate_reasons.py", "reason_for_test_by_reasoner.pkl", "2_Reasoner/7_"),
 ]
 
 
