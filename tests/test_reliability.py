@@ -263,6 +263,29 @@ def test_same_inputs_and_seeds_give_byte_identical_outputs(finished, tmp_path_fa
     assert len(first) > 25 and first == second
 
 
+def test_training_and_selection_never_read_the_test_ratings_or_reviews(finished, tmp_path_factory, real_slice,
+                                                                     tiny_model):
+    """A whole run on the same data whose test set holds other ratings and other review texts (its users, items and
+    times, which the leakage check reads, unchanged) trains the same adapters and makes the same choices."""
+    poisoned = tmp_path_factory.mktemp("poisoned-data") / DATASET
+    shutil.copytree(real_slice, poisoned)
+    test = pd.read_pickle(poisoned / "raw_data" / "test.pkl")
+    test.assign(ratings=6.0 - test["ratings"], reviews="poisoned: " + test["reviews"].str[::-1]).to_pickle(
+        poisoned / "raw_data" / "test.pkl")
+    root, _, server = full_run(tmp_path_factory.mktemp("poisoned"), poisoned, tiny_model)
+    server.close()
+
+    def chosen(run_root):
+        folders = sorted((run_root / "checkpoints" / DATASET).glob("*/final_checkpoint"))
+        return {f.parent.name: (sha(f / "adapter_model.safetensors"), (f / "selection.json").read_text())
+                for f in folders}
+
+    clean, dirty = chosen(finished[0]), chosen(root)
+    assert len(clean) == 6 and clean == dirty
+    assert sha(root / "Data" / DATASET / "raw_data" / "test.pkl") != sha(finished[0] / "Data" / DATASET / "raw_data"
+                                                                         / "test.pkl")
+
+
 def test_the_api_key_is_never_written_anywhere(finished):
     root, out, server = finished
     key = server.env()["OPENAI_API_KEY"].encode()
