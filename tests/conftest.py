@@ -76,11 +76,11 @@ FAST = {"TRAIN_ARGS": "--max_steps 2 --per_device_train_batch_size 4 --max_len 2
                      "--save_steps 1 --per_device_eval_batch_size 16"}
 
 
-def full_run(root: Path, real_slice: Path, model: str) -> tuple[Path, str, TeacherServer]:
+def full_run(root: Path, real_slice: Path, model: str, **env) -> tuple[Path, str, TeacherServer]:
     """run_all.sh on the tiny model, with the HTTP teacher, in `root`: (root, what it printed, the server)."""
     shutil.copytree(real_slice, root / "Data" / DATASET)
     server = TeacherServer()
-    result = run("run_all.sh", cwd=root, env=pipeline_env(model, server, **FAST), timeout=1800)
+    result = run("run_all.sh", cwd=root, env=pipeline_env(model, server, **FAST, **env), timeout=1800)
     return root, result.stdout + result.stderr, server
 
 

@@ -61,6 +61,12 @@ def test_every_stage_writes_the_official_files_and_columns(finished):
         assert (root / "checkpoints" / DATASET / name / "final_checkpoint" / "adapter_model.safetensors").exists()
     report = json.loads((root / "Data" / DATASET / "distilling_report.json").read_text())
     assert report["kept"] + report["dropped"] == len(reasoner)
+    # the authors' direct-prediction ablation: every Reasoner target (train_12000.pkl), their prompt, no analysis
+    direct = pickle.loads((root / "Data" / DATASET / "Direct_Predictor_train_instruct.pkl").read_bytes())
+    assert len(direct) == len(reasoner) > len(reasons)
+    question = direct[0]["messages"][0]["content"]
+    assert "### Personalized Recommendation Analysis ###" not in question
+    assert "\n\nBased on the above information, please predict the user's rating for" in question
 
 
 def test_no_test_or_valid_review_reaches_any_prompt(finished):

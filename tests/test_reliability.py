@@ -251,7 +251,11 @@ def test_the_history_index_refuses_an_entry_at_or_after_its_target():
 
 # ------------------------------------------------------------------------------------------------ determinism, secrets
 def test_same_inputs_and_seeds_give_byte_identical_outputs(finished, tmp_path_factory, real_slice, tiny_model):
-    again, _, server = full_run(tmp_path_factory.mktemp("again"), real_slice, tiny_model)
+    """A second whole run, its teacher through the Batch API (TEACHER_BATCH=1 bash run_all.sh against the test
+    server): every output, byte for byte, that of the first (one by one)."""
+    again, _, server = full_run(tmp_path_factory.mktemp("again"), real_slice, tiny_model, TEACHER_BATCH="1",
+                                TEACHER_BATCH_POLL="0.05")
+    assert server.batches_created >= 2  # the Summarizer's teacher step and at least one round of the reason filter
     server.close()
 
     def hashes(root):
