@@ -71,6 +71,9 @@ def use_4bit(load_in_4bit) -> bool:
     return str(load_in_4bit).lower() in ("1", "true", "yes")
 
 
+LOADS: list[dict] = []  # every base model load_base loaded in this process, as loaded (read by scripts/gpu_check.py)
+
+
 def load_base(path: str | Path, *, load_in_4bit="auto", max_seq_length: int = 4096):
     """(model, tokenizer) of a base model, as training and inference both load it: Unsloth where installed, else
     transformers (+ bitsandbytes NF4 with double quantization for 4-bit); bf16 on a GPU that has it, float32 on a
@@ -92,6 +95,7 @@ def load_base(path: str | Path, *, load_in_4bit="auto", max_seq_length: int = 40
         model = AutoModelForCausalLM.from_pretrained(path, dtype=default_dtype(), quantization_config=quantization,
                                                      device_map=device_map)
         tokenizer = AutoTokenizer.from_pretrained(path)
+    LOADS.append({"path": path, "backend": backend(), "in_4bit": loaded_in_4bit(model), "device": str(model.device)})
     return model, prepare_tokenizer(tokenizer)
 
 

@@ -4,6 +4,9 @@ qlora_finetune.py's own code.  Each backend runs in its own process (Unsloth pat
 the first steps (compilation, warm-up) are left out of the timing.
 
     python benchmarks/unsloth_vs_hf.py --model_path MODEL [--steps 12] [--batch_size 4] [--words 400] [--load_in_4bit auto]
+                                      [--json results.json]
+
+Each backend's line says how llm.load_base really loaded the model (its backend, 4-bit or not, device).
 """
 import argparse
 import json
@@ -28,7 +31,9 @@ def child(args):
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    import llm
     import qlora_finetune as qf
+    import training
 
     rng = random.Random(0)
     examples = [{"prompt": [{"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(args.words))}],
@@ -37,7 +42,7 @@ def child(args):
     finetune = qf.FinetuneArguments(model_path=args.model_path, load_in_4bit=args.load_in_4bit, max_len=4096)
     config = SFTConfig(output_dir=str(Path(args.out) / "trainer"), max_steps=args.steps, logging_steps=1,
                        per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1, save_strategy="no",
-                       report_to="none", learning_rate=1e-4, seed=42, max_length=4096, **qf.hardware_defaults())
+                       report_to="none", learning_rate=1e-4, seed=42, max_length=4096, **training.hardware_defaults())
     model, tokenizer, lora = qf.load_for_training(finetune, config)
     times = []
 
@@ -61,7 +66,9 @@ def child(args):
     steady = times[2:] or times
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps({"backend": os.environ["REASON4REC_BACKEND"], "first_step_s": times[0],
+    loaded = llm.LOADS[-1]  # as load_base reports it
+    print(json.dumps({"backend": os.environ["REASON4REC_BACKEND"], "loaded_backend": loaded["backend"],
+                      "in_4bit": loaded["in_4bit"], "device": loaded["device"], "first_step_s": times[0],
                       "steady_step_s": sum(steady) / len(steady), "sequences_per_step": per_step,
                       "tokens_per_sequence": tokens, "peak_memory_gib": peak,
                       "memory_kind": "GPU (max allocated)" if torch.cuda.is_available() else "CPU (peak RSS)"}))
@@ -75,33 +82,43 @@ def main():
     parser.add_argument("--words", type=int, default=400, help="words per prompt")
     parser.add_argument("--load_in_4bit", default="auto")
     parser.add_argument("--out", default="benchmark_out")
+    parser.add_argument("--json", help="also write the results (per backend, and the ratios) to this JSON file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
 
-    results = {}
+    results, failed = {}, {}
     for backend in ("unsloth", "hf"):
         env = {**os.environ, "REASON4REC_BACKEND": backend}
+        start = time.time()
         done = subprocess.run([sys.executable, __file__, "--child", *sys.argv[1:]], env=env, capture_output=True,
                               text=True)
         if done.returncode:
             print(f"{backend}: failed\n{done.stderr[-3000:]}")
+            failed[backend] = {"start": start, "end": time.time(), "error": done.stderr[-3000:]}
             continue
-        results[backend] = json.loads(done.stdout.strip().splitlines()[-1])
+        results[backend] = {**json.loads(done.stdout.strip().splitlines()[-1]), "start": start, "end": time.time()}
 
     print(f"\n{args.model_path}, {args.steps} steps of {args.batch_size} sequences, 4-bit: {args.load_in_4bit}")
-    print("| backend | first step (s) | steady step (s) | sequences/s | tokens/s | peak memory (GiB) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| backend | loaded as | first step (s) | steady step (s) | sequences/s | tokens/s | peak memory (GiB) |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         seq = r["sequences_per_step"] / r["steady_step_s"]
-        print(f"| {name} | {r['first_step_s']:.2f} | {r['steady_step_s']:.3f} | {seq:.2f} | "
+        loaded = f"{r['loaded_backend']}, {'4-bit' if r['in_4bit'] else 'not 4-bit'}, {r['device']}"
+        print(f"| {name} | {loaded} | {r['first_step_s']:.2f} | {r['steady_step_s']:.3f} | {seq:.2f} | "
               f"{seq * r['tokens_per_sequence']:.0f} | {r['peak_memory_gib']:.2f} ({r['memory_kind']}) |")
+    ratios = None
     if len(results) == 2:
         u, h = results["unsloth"], results["hf"]
         speed = (u["sequences_per_step"] / u["steady_step_s"]) / (h["sequences_per_step"] / h["steady_step_s"])
+        ratios = {"sequences_per_s": speed, "peak_memory": u["peak_memory_gib"] / h["peak_memory_gib"]}
         print(f"\nUnsloth / HF: {speed:.2f}x the sequences per second, "
-              f"{u['peak_memory_gib'] / h['peak_memory_gib']:.2f}x the peak memory")
+              f"{ratios['peak_memory']:.2f}x the peak memory")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k != "child"},
+                                               "results": results, "failed": failed, "unsloth_over_hf": ratios},
+                                              indent=1))
 
 
 if __name__ == "__main__":
