@@ -112,6 +112,16 @@ class ResultCache:
         with self._lock:
             self._db.executemany("DELETE FROM batch_errors WHERE key = ?", [(k,) for k in keys])
 
+    @staticmethod
+    def count(path: str | Path) -> int:
+        """How many results a cache file holds, 0 where there is none yet: for watching a running step's progress from
+        another process, without creating the file."""
+        try:
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1) as db:
+                return db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+        except sqlite3.Error:
+            return 0
+
     def __len__(self):
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0]

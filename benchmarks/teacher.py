@@ -18,7 +18,6 @@ import json
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from cache import ResultCache  # noqa: E402
 from teacher_server import TeacherServer  # noqa: E402
 
 CHILD = """
@@ -53,12 +53,7 @@ def finish(process) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def cached(cache) -> int:
-    try:
-        with sqlite3.connect(cache, timeout=1) as db:
-            return db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
-    except sqlite3.Error:
-        return 0
+cached = ResultCache.count
 
 
 def wait_until(condition):

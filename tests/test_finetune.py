@@ -86,20 +86,12 @@ def test_train_script_passes_extra_arguments_and_names_missing_data(tmp_path, ti
 
 
 # The official hyper-parameters of each expert, as its *_train.sh of Peter-Fy/Reason4Rec passes them.
-OFFICIAL = {
-    "1_Summarizer/summarizer.yaml": dict(lora_rank=16, lora_alpha=32, lora_dropout=0.0, tune_last_layer=False,
-                                         num_train_epochs=5, per_device_train_batch_size=16, learning_rate=3e-4,
-                                         warmup_steps=100),
-    "2_Reasoner/reward_model.yaml": dict(lora_rank=8, lora_alpha=16, lora_dropout=0.0, tune_last_layer=True,
-                                         num_train_epochs=3, per_device_train_batch_size=16, learning_rate=3e-6,
-                                         warmup_steps=0.1),
-    "2_Reasoner/reasoner.yaml": dict(lora_rank=16, lora_alpha=32, lora_dropout=0.1, tune_last_layer=False,
-                                     num_train_epochs=3, per_device_train_batch_size=32, learning_rate=3e-4,
-                                     warmup_steps=100),
-    "3_Predictor/predictor.yaml": dict(lora_rank=8, lora_alpha=16, lora_dropout=0.0, tune_last_layer=True,
-                                       num_train_epochs=3, per_device_train_batch_size=16, learning_rate=3e-5,
-                                       warmup_steps=0.1),
-}
+SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout", "tune_last_layer", "num_train_epochs",
+            "per_device_train_batch_size", "learning_rate", "warmup_steps")
+OFFICIAL = {"1_Summarizer/summarizer.yaml": (16, 32, 0.0, False, 5, 16, 3e-4, 100),
+            "2_Reasoner/reward_model.yaml": (8, 16, 0.0, True, 3, 16, 3e-6, 0.1),
+            "2_Reasoner/reasoner.yaml": (16, 32, 0.1, False, 3, 32, 3e-4, 100),
+            "3_Predictor/predictor.yaml": (8, 16, 0.0, True, 3, 16, 3e-5, 0.1)}
 
 
 @pytest.mark.parametrize("config", OFFICIAL)
@@ -110,7 +102,7 @@ def test_each_experts_config_holds_the_official_values_and_flags_override_them(c
     monkeypatch.setenv("DATASET", "mi")
     _, args, trainer = qlora_finetune.parse(["--config", str(REPO / config)])
     values = {**vars(args), **trainer.to_dict()}
-    assert {k: values[k] for k in OFFICIAL[config]} == OFFICIAL[config]
+    assert tuple(values[k] for k in SETTINGS) == OFFICIAL[config]
     assert trainer.gradient_accumulation_steps == 1 and trainer.seed == 42 and args.max_len == 4096
     assert trainer.output_dir == f"checkpoints/mi/{args.expert}"
     _, args, trainer = qlora_finetune.parse(["--config", str(REPO / config), "--learning_rate", "1e-3",

@@ -198,7 +198,8 @@ def test_with_teacher_asks_the_http_teacher_once_and_a_rerun_asks_nothing(finish
     asked = n + report["test"]["rows"]
     assert teacher_server.received == asked and teacher_server.repeated == 0
     teacher = "Teacher (gpt-3.5-turbo)"
-    assert set(report["test"]["results"]) == {"Reasoner (SFT)", teacher} and report["judge"] == "gpt-3.5-turbo"
+    assert set(report["test"]["results"]) == {"Reasoner (SFT)", "Reasoner (GRPO)", teacher}
+    assert report["judge"] == "gpt-3.5-turbo"
     for result in report["test"]["results"].values():
         assert 1 <= result["judge"] <= 10 and result["judge_unreadable"] == 0
     reasons = pd.read_pickle(data / "reason_for_test_by_teacher.pkl")["reasoner_reply"]

@@ -5,7 +5,6 @@ import os
 import random
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from cache import ResultCache
 from conftest import DATASET, FAST, REPO, environment, full_run, pipeline_env, run
 from teacher_server import TeacherServer
 
@@ -41,12 +41,7 @@ def copy_of(finished, dest: Path, output: str) -> Path:
     return dest
 
 
-def rows(cache: Path) -> int:
-    try:
-        with sqlite3.connect(cache, timeout=1) as db:
-            return db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
-    except sqlite3.Error:
-        return 0
+rows = ResultCache.count
 
 
 def sha(path: Path) -> str:

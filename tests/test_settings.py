@@ -60,8 +60,8 @@ def test_authors_data_records_its_product_class_and_max_his_with_the_first_outpu
 
 @pytest.mark.parametrize("script, flag", [
     ("3_Predictor/4_evaluate.py", "--max_his"), ("3_Predictor/4_evaluate.py", "--product_class"),
-    ("3_Predictor/4_evaluate.py", "--checkpoint_dir"), ("1_Summarizer/1_distilling_aspect_preference_summary.py",
-                                                         "--max_his")])
+    ("3_Predictor/4_evaluate.py", "--batch_size"), ("1_Summarizer/1_distilling_aspect_preference_summary.py",
+                                                     "--max_his")])
 def test_an_option_a_step_does_not_use_is_refused(finished, tiny_model, script, flag):
     result = run(script, flag, "5", cwd=finished[0], env=pipeline_env(tiny_model), check=False)
     assert result.returncode == 1 and f"does not take {flag} 5" in result.stderr and "Traceback" not in result.stderr
@@ -83,9 +83,12 @@ def test_adapters_and_metrics_carry_their_provenance(finished):
                             .read_text())
         assert record["git_commit"] and {"torch", "transformers", "trl", "peft"} <= set(record["packages"])
         assert record["settings"]["job"]["learning_rate"] > 0 and record["settings"]["backend"] == "hf"
-        (data_file, digest), = record["inputs"].items()
-        assert data_file.startswith(f"Data/{DATASET}/") and len(digest) == 64
+        (train_file, digest), *valid = record["inputs"].items()  # the training data, and any validation data
+        assert train_file.startswith(f"Data/{DATASET}/") and len(digest) == 64 and len(valid) <= 1
         assert record["settings"]["job"]["train_data_sha256"] == digest
+        assert [f for f, _ in valid] == ([] if expert in ("Summarizer", "Reasoner") else
+                                         [f"Data/{DATASET}/" + ("review_valid_data.pkl" if expert == "reason_reward_model"
+                                                                else f"{expert}_valid_instruct.pkl")])
     metrics = json.loads((data_of(root) / "metrics.json").read_text())
     assert metrics["provenance"]["git_commit"] and f"Data/{DATASET}/rating_for_test_by_predictor.pkl" in \
         metrics["provenance"]["inputs"]

@@ -25,6 +25,7 @@ import pytest
 from openai import OpenAI
 
 import teacher as teacher_module
+from cache import ResultCache
 from conftest import DATASET, FAST, REPO, environment, pipeline_env, run
 from teacher import Teacher
 from teacher_server import TeacherServer, teacher_answer
@@ -48,12 +49,7 @@ def results(cache) -> dict:
         return dict(db.execute("SELECT key, value FROM results"))
 
 
-def rows(cache) -> int:
-    try:
-        with sqlite3.connect(cache, timeout=1) as db:
-            return db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
-    except sqlite3.Error:
-        return 0
+rows = ResultCache.count
 
 
 def sizes(server) -> list[int]:
