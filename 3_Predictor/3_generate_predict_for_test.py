@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from histories import load_histories
 from llm import ModelArguments, load_expert
 from prompts import TestPromptArguments, direct_prediction_prompt, rating_prompt
-from utils import COLUMNS, SplitArguments, parse_args, ratings_file, read_split, read_table, reasons_file, write_pickle
+from utils import (COLUMNS, SplitArguments, fail, parse_args, ratings_file, read_split, read_table, reasons_file,
+                   write_pickle)
 
 
 @dataclass
@@ -30,6 +31,8 @@ class PredictorArguments:
 
 args, prompt, split, model_args, predictor = parse_args(TestPromptArguments, SplitArguments, ModelArguments,
                                                         PredictorArguments, data_parallel=True)
+if predictor.no_reason and predictor.reasoner != "Reasoner":
+    fail(f"--no_reason rates without reasons, so --reasoner {predictor.reasoner} would be ignored: pass one of the two")
 if predictor.no_reason:
     rows = read_split(args, split.split, split.eval_limit)
 else:

@@ -67,6 +67,16 @@ def test_an_option_a_step_does_not_use_is_refused(finished, tiny_model, script, 
     assert result.returncode == 1 and f"does not take {flag} 5" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_the_direct_ablation_refuses_a_reasoner_it_would_ignore(finished, tiny_model):
+    data = data_of(finished[0])
+    before = sorted(p.name for p in data.iterdir())
+    result = run("3_Predictor/3_generate_predict_for_test.py", "--no_reason", "--reasoner", "Reasoner_GRPO",
+                 cwd=finished[0], env=pipeline_env(tiny_model), check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "--no_reason rates without reasons, so --reasoner Reasoner_GRPO would be ignored" in result.stderr
+    assert sorted(p.name for p in data.iterdir()) == before
+
+
 def test_the_producer_of_each_input_is_matched_on_its_whole_name():
     assert producer("Data/x/Direct_Predictor_train_instruct.pkl") == \
         "`3_Predictor/1_construct_predictor_train_data.py --no_reason`"
