@@ -196,8 +196,7 @@ class Teacher:
         labels = labels if labels is not None else [f"#{i}" for i in range(len(prompts))]
         if self.dry_run:
             self.estimate([(desc, prompts, temperature, samples)])
-        keys = [self.key(p, temperature, s) for p, s in zip(prompts, samples)]
-        found = self.cache.get_many(keys)
+        keys, found = self._lookup(prompts, temperature, samples)
         todo = {k: (p, s, label) for k, p, s, label in zip(keys, prompts, samples, labels) if k not in found}
         self.usage["cached"] += len(set(keys)) - len(todo)
         if todo and self.kind == "local":  # a local model: every process of a data-parallel run takes its share
@@ -206,6 +205,11 @@ class Teacher:
             ask = self._ask_batch if self.batch else self._ask_one_by_one
             found.update(parallel.broadcast(ask(todo, temperature, desc) if parallel.is_main_process() else None))
         return [found[k] for k in keys]
+
+    def _lookup(self, prompts: list[str], temperature: float, samples) -> tuple[list[str], dict]:
+        """The cache keys of these requests, and the answers the cache already holds."""
+        keys = [self.key(p, temperature, s) for p, s in zip(prompts, samples)]
+        return keys, self.cache.get_many(keys)
 
     def _params(self, prompt: str, temperature: float, sample: int) -> dict:
         """One chat-completion request, the same one by one and in a batch; `sample` goes out as the seed, so that
@@ -344,8 +348,8 @@ class Teacher:
         what still failed.  Ctrl-C or SIGTERM just exits: the batches keep running, and a rerun collects them."""
         import openai
 
-        lines = {k: json.dumps({"custom_id": k, "method": "POST", "url": "/v1/chat/completions",
-                                "body": self._params(p, temperature, s)}, ensure_ascii=False) + "\n"
+        lines = {k: (json.dumps({"custom_id": k, "method": "POST", "url": "/v1/chat/completions",
+                                 "body": self._params(p, temperature, s)}, ensure_ascii=False) + "\n").encode()
                  for k, (p, s, _) in todo.items()}
         wait, retry_at, refusals, failures = min(1.0, self.poll), 0.0, 0, 0
         with tqdm(total=len(todo), desc=f"{desc} (Batch API)", unit="req") as bar, stop_signals():
@@ -353,8 +357,9 @@ class Teacher:
                 while True:
                     answered, live = self.cache.get_many(todo), self.cache.open_batches(todo)
                     bar.update(len(answered) - bar.n)
-                    given_up = {k for k, (n, _) in self.cache.batch_errors(todo).items() if n >= BATCH_MAX_ATTEMPTS}
-                    held = {k for keys in live.values() for k in keys} | given_up | set(answered)
+                    given_up = {k: cause for k, (n, cause) in self.cache.batch_errors(todo).items()
+                                if n >= BATCH_MAX_ATTEMPTS}
+                    held = {k for keys in live.values() for k in keys} | set(given_up) | set(answered)
                     need = sorted(k for k in todo if k not in held)  # neither answered nor in a batch: to send
                     if need and time.monotonic() >= retry_at:
                         failures = 0 if self._submit(need, lines, desc) else failures + 1
@@ -386,8 +391,8 @@ class Teacher:
                 if isinstance(e, Stop):
                     exit_stopped(e, running)
                 fail(self._safe(f"the Batch API failed ({type(e).__name__}: {e}); {running}"))
-        self._report_failures(todo)
-        return self.cache.get_many(todo)
+        self._report_failures(todo, given_up, len(answered))  # read after the last poll: nothing has changed since
+        return answered
 
     def _submit(self, need: list[str], lines: dict, desc: str) -> bool:
         """Put the requests `need` into batches, split to fit the API's limits: for each part, adopt a batch of it
@@ -398,11 +403,11 @@ class Teacher:
 
         parts, part, size = [], [], 0
         for key in need:
-            if part and (len(part) >= BATCH_MAX_REQUESTS or size + len(lines[key].encode()) > BATCH_MAX_BYTES):
+            if part and (len(part) >= BATCH_MAX_REQUESTS or size + len(lines[key]) > BATCH_MAX_BYTES):
                 parts.append(part)
                 part, size = [], 0
             part.append(key)
-            size += len(lines[key].encode())
+            size += len(lines[key])
         parts.append(part)
         found = None
         for number, part in enumerate(parts, 1):
@@ -412,7 +417,7 @@ class Teacher:
                 batch, action = found.get(metadata["keys_sha256"]), "adopted"
                 if batch is None:
                     file = self.client.files.create(file=(f"{metadata['keys_sha256'][:16]}.jsonl",
-                                                          "".join(lines[k] for k in part).encode()), purpose="batch")
+                                                          b"".join(lines[k] for k in part)), purpose="batch")
                     batch, action = self.client.with_options(max_retries=0).batches.create(  # not retried blindly
                         input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h",
                         metadata=metadata), "created"
@@ -484,15 +489,12 @@ class Teacher:
                  f"pay for their requests twice")
         return self.cache.get_many(todo) if open_batches else {}
 
-    def _report_failures(self, todo: dict):
-        failed = self.cache.batch_errors(todo)
-        failed = {k: cause for k, (n, cause) in failed.items() if n >= BATCH_MAX_ATTEMPTS}
+    def _report_failures(self, todo: dict, failed: dict, kept: int):
         if not failed:
             return
         self.cache.clear_batch_errors(failed)  # a rerun tries them afresh
         rows = "; ".join(f"row {todo[k][2]}: {cause}" for k, cause in list(failed.items())[:5])
         more = f" (and {len(failed) - 5:,} more)" if len(failed) > 5 else ""
-        kept = len(self.cache.get_many(todo))
         fail(self._safe(f"{len(failed):,} teacher requests failed in the Batch API {BATCH_MAX_ATTEMPTS} times: {rows}"
                         f"{more}. The {kept:,} answers received are kept in {self.cache.path}; rerun the same command "
                         f"to try those again."))
@@ -558,8 +560,7 @@ class Teacher:
         how = "through the Batch API (half price)" if self.batch else "one by one"
         lines, total = [], Counter()
         for desc, prompts, temperature, samples in calls:
-            keys = [self.key(p, temperature, s) for p, s in zip(prompts, samples)]
-            cached = self.cache.get_many(keys)
+            keys, cached = self._lookup(prompts, temperature, samples)
             new = {k: p for k, p in zip(keys, prompts) if k not in cached}
             tokens = Counter(requests=len(new), cached=len(set(keys)) - len(new),
                              prompt=sum(len(p) for p in new.values()) / CHARS_PER_TOKEN,

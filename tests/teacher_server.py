@@ -68,7 +68,6 @@ class TeacherServer:
     def __init__(self, respond=teacher_answer, latency: float = 0.0, faults=None, batch_api: bool = True):
         self.respond, self.latency, self.faults, self.batch_api = respond, latency, list(faults or []), batch_api
         self.answered = Counter()  # request fingerprint -> times answered (billed)
-        self.received = 0  # chat-completion requests received
         self.bodies = []  # every chat-completion request body received, one by one or in a batch, as JSON
         self.calls = Counter()  # "POST /v1/files", "GET /v1/batches/{id}", ... -> times called
         self.times = []  # [received, answered or None] of every chat-completion request (time.monotonic())
@@ -131,7 +130,6 @@ class TeacherServer:
                 if server.released and self._client_gone():
                     return  # sent before the release by a client since killed: dropped as the hold would have
                 with server._lock:  # decided on arrival: answered (at most hold_after in all), or held
-                    server.received += 1
                     server.bodies.append(body)
                     times = [time.monotonic(), None]
                     server.times.append(times)
@@ -175,6 +173,11 @@ class TeacherServer:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     # ------------------------------------------------------------------------------------------ chat completions
+    @property
+    def received(self) -> int:
+        """Chat-completion requests received."""
+        return len(self.times)
+
     def _complete(self, body: dict, empty=False, no_choices=False) -> dict:
         """The chat completion for a request body; a non-empty answer is counted as billed."""
         prompt = body["messages"][-1]["content"]
