@@ -39,15 +39,18 @@ class ResultCache:
     def key(*parts) -> str:
         return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
-    def get_many(self, keys) -> dict:
-        found, keys = {}, list(dict.fromkeys(keys))
+    def _select_in(self, query: str, keys) -> list[tuple]:
+        """The rows of `query` (whose "IN ({})" takes the keys) for the distinct `keys`, asked 500 at a time (SQLite's
+        limit on parameters)."""
+        keys, rows = list(dict.fromkeys(keys)), []
         with self._lock:
             for start in range(0, len(keys), 500):
                 chunk = keys[start:start + 500]
-                rows = self._db.execute(
-                    f"SELECT key, value FROM results WHERE key IN ({','.join('?' * len(chunk))})", chunk)
-                found.update((k, json.loads(v)) for k, v in rows)
-        return found
+                rows += self._db.execute(query.format(",".join("?" * len(chunk))), chunk).fetchall()
+        return rows
+
+    def get_many(self, keys) -> dict:
+        return {k: json.loads(v) for k, v in self._select_in("SELECT key, value FROM results WHERE key IN ({})", keys)}
 
     def put_many(self, items: dict, meta: dict | None = None):
         """Store {key: value} in one transaction: all of a batch is kept, or none of it.  `meta` (e.g. the token
@@ -98,15 +101,8 @@ class ResultCache:
 
     def batch_errors(self, keys) -> dict[str, tuple[int, str]]:
         """{key: (times it failed in a batch, the last cause)} for those of `keys` that ever failed."""
-        keys = list(dict.fromkeys(keys))
-        found = {}
-        with self._lock:
-            for start in range(0, len(keys), 500):
-                chunk = keys[start:start + 500]
-                rows = self._db.execute(f"SELECT key, attempts, error FROM batch_errors WHERE key IN "
-                                        f"({','.join('?' * len(chunk))})", chunk)
-                found.update((k, (n, e)) for k, n, e in rows)
-        return found
+        return {k: (n, e) for k, n, e in
+                self._select_in("SELECT key, attempts, error FROM batch_errors WHERE key IN ({})", keys)}
 
     def clear_batch_errors(self, keys):
         with self._lock:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import llm
 import parallel
 from cache import ResultCache
 from prompts import RATING_PREFIX
-from utils import DataArguments, fail, read_json, read_pickle, resolve_recorded, write_json
+from utils import DataArguments, checked_args, fail, read_json, read_pickle, write_json
 
 
 def parse(dataclass_types, argv=None, **defaults):
@@ -29,11 +28,7 @@ def parse(dataclass_types, argv=None, **defaults):
     parser = TrlParser((DataArguments, *dataclass_types))
     parser.set_defaults(**hardware_defaults(), seed=42, report_to="none", logging_steps=1,
                         output_dir=os.environ.get("OUTPUT_DIR", ""), **defaults)
-    *parsed, unknown = parser.parse_args_and_config(argv, return_remaining_strings=True)
-    if unknown:
-        fail(f"{Path(sys.argv[0]).name} does not take {' '.join(unknown)}; --help lists what it takes")
-    resolve_recorded(*parsed[:-1])
-    return parsed
+    return checked_args(parser.parse_args_and_config(argv, return_remaining_strings=True))
 
 
 def hardware_defaults() -> dict:
@@ -79,7 +74,7 @@ def resumable_checkpoint(output: Path, job: dict):
             fail(f"{output} holds checkpoints of another training job (what differs: {differing}). They are kept. "
                  f"To resume that job, rerun it with its own settings; to train this one, give it another folder "
                  f"(OUTPUT_DIR=... or --output_dir ...), or move {output} away.")
-    complete = complete_checkpoints(output)
+    complete = [c for c in checkpoints if _is_complete(c)]
     for c in checkpoints:
         if c not in complete:
             print(f"skipping {c}: it was cut short (no trainer_state.json)")
@@ -91,14 +86,16 @@ def resumable_checkpoint(output: Path, job: dict):
 
 
 def complete_checkpoints(output: Path) -> list[Path]:
-    def complete(checkpoint: Path) -> bool:
-        try:
-            json.loads((checkpoint / "trainer_state.json").read_text())
-            return True
-        except (OSError, ValueError):
-            return False
+    return [c for c in sorted(output.glob("checkpoint-*"), key=_step) if _is_complete(c)]
 
-    return [c for c in sorted(output.glob("checkpoint-*"), key=_step) if complete(c)]
+
+def _is_complete(checkpoint: Path) -> bool:
+    """transformers writes trainer_state.json last: a checkpoint without a readable one was cut short."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def _step(checkpoint: Path) -> int:

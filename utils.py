@@ -23,6 +23,7 @@ import parallel
 
 REPO = Path(__file__).resolve().parent
 COLUMNS = ["user_id", "item_id", "title", "ratings", "reviews", "unixReviewTime"]
+KEY = ["user_id", "item_id", "unixReviewTime"]  # what names one review: its user, item and time
 
 # Which step writes each file, so that a missing input can say what to run first (matched on the whole file name).
 PRODUCERS = {
@@ -135,10 +136,16 @@ def parse_args(*dataclass_types, args=None, data_parallel: bool = False):
     if data_parallel:
         parallel.relaunch()
     parser = HfArgumentParser((DataArguments, *dataclass_types))
-    *parsed, unknown = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
+    return checked_args(parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True))
+
+
+def checked_args(parsed_and_unknown) -> list:
+    """What a parser returned (DataArguments, the other dataclasses, the strings it did not know), checked: an option
+    the step does not take is refused, and the recorded settings (see `recorded`) are resolved."""
+    *parsed, unknown = parsed_and_unknown
     if unknown:
         fail(f"{Path(sys.argv[0]).name} does not take {' '.join(unknown)}; --help lists what it takes")
-    resolve_recorded(parsed[0], *parsed[1:])
+    resolve_recorded(*parsed)
     return parsed
 
 
@@ -276,14 +283,12 @@ def read_json(path: str | Path) -> dict:
 def matched(rows: pd.DataFrame, other: pd.DataFrame, column: str):
     """`other[column]` for each of `rows`, matched on (user, item, time) (and the order among equal keys), as an
     array; None if `other` does not cover exactly these rows.  Missing values in `column` are kept as they are."""
-    key = ["user_id", "item_id", "unixReviewTime"]
-
     def keyed(df):
-        return df[key].assign(nth=df.groupby(key).cumcount().to_numpy())
+        return df[KEY].assign(nth=df.groupby(KEY).cumcount().to_numpy())
 
     if len(other) != len(rows):
         return None
-    joined = keyed(rows).merge(keyed(other).assign(value=other[column].to_numpy()), how="left", on=key + ["nth"],
+    joined = keyed(rows).merge(keyed(other).assign(value=other[column].to_numpy()), how="left", on=KEY + ["nth"],
                                indicator=True)
     return None if (joined["_merge"] != "both").any() else joined["value"].to_numpy()
 
