@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from utils import COLUMNS, DataArguments, atomic_write, fail, producer, read_pickle, read_table
+from utils import COLUMNS, KEY, DataArguments, atomic_write, fail, producer, read_pickle, read_table
 
 SUMMARY = "aspect_preference_summary"  # the Summarizer's summaries, the column every history shows
 HISTORY_TABLE = "train_summarizer_generation_results.pkl"
@@ -60,19 +60,18 @@ class HistoryIndex:
 
     `reviews` is the review log the histories come from (the training split with its summaries): only rows
     strictly earlier than the target's time are ever returned, so neither the target itself nor anything after
-    it can leak into its prompt.  `before_target=False` drops that rule and shows the latest reviews of the whole
-    table, as the authors' original test-time code did (a4fa718, step2/step7_construct_stage2_test.ipynb): asked for
-    explicitly, never by default."""
+    it can leak into its prompt.  A lookup with `before_target=False` drops that rule and shows the latest reviews of
+    the whole table, as the authors' original test-time code did (a4fa718, step2/step7_construct_stage2_test.ipynb):
+    asked for explicitly, never by default."""
 
-    def __init__(self, reviews: pd.DataFrame, max_his: int = 10, summary_column: str = SUMMARY,
-                 before_target: bool = True):
+    def __init__(self, reviews: pd.DataFrame, max_his: int = 10, summary_column: str = SUMMARY):
         if summary_column not in reviews.columns:
             fail(f"the history table has no column {summary_column!r}; "
                  f"run `1_Summarizer/4_summarizer_generation.py` first.")
-        self.max_his, self.before_target = max_his, before_target
+        self.max_his = max_his
         self.titles = reviews["title"].astype(str).to_numpy()
         self.ratings = reviews["ratings"].to_numpy(dtype=float)
-        self.summaries = reviews[summary_column].map(_text).to_numpy()
+        self.summaries = reviews[summary_column].map(text).to_numpy()
         self.times = reviews["unixReviewTime"].to_numpy().copy()
         self.users = _Group(reviews, "user_id")
         self.items = _Group(reviews, "item_id")
@@ -80,23 +79,23 @@ class HistoryIndex:
     def _reviews(self, rows) -> list[Review]:
         return [Review(self.titles[r], self.ratings[r], self.summaries[r], int(self.times[r])) for r in rows]
 
-    def __call__(self, user_id, item_id, time) -> History:
-        cut = time if self.before_target else None
+    def __call__(self, user_id, item_id, time, before_target: bool = True) -> History:
+        cut = time if before_target else None
         u_rows, u_n, u_sum = self.users.before(user_id, cut, self.max_his)
         i_rows, i_n, i_sum = self.items.before(item_id, cut, self.max_his)
         history = History(self._reviews(u_rows), self._reviews(i_rows),
                           u_sum / u_n if u_n else None, i_sum / i_n if i_n else None, u_n, i_n)
         # Cannot happen; refuse rather than leak.  Checked against the table's own times, not the sorted copies the
         # lookup searched, so that a fault in the lookup or its arrays is caught here.
-        if self.before_target and any(r.time >= time for r in history.user + history.item):
+        if before_target and any(r.time >= time for r in history.user + history.item):
             raise ValueError(f"history entry at or after its target's time {time} (user {user_id}, item {item_id})")
         return history
 
-    def for_rows(self, df: pd.DataFrame) -> list[History]:
-        return [self(u, i, t) for u, i, t in zip(df["user_id"], df["item_id"], df["unixReviewTime"])]
+    def for_rows(self, df: pd.DataFrame, before_target: bool = True) -> list[History]:
+        return [self(u, i, t, before_target) for u, i, t in zip(df["user_id"], df["item_id"], df["unixReviewTime"])]
 
 
-def load_histories(data: DataArguments, prompt, before_target: bool = True) -> HistoryIndex:
+def load_histories(data: DataArguments, prompt) -> HistoryIndex:
     """The index over the Summarizer's summaries of the training reviews, which every Stage 2 and 3 prompt shows, with
     the dataset's recorded history settings (`prompt`: prompts.HistoryPromptArguments).
 
@@ -105,10 +104,9 @@ def load_histories(data: DataArguments, prompt, before_target: bool = True) -> H
     beside the data, and --drop_leaked_history_rows true (recorded like every prompt setting) drops them from the
     histories."""
     reviews = read_table(data, HISTORY_TABLE, COLUMNS + [SUMMARY], limit=False)
-    key = ["user_id", "item_id", "unixReviewTime"]
-    held_out = [read_pickle(data.file(f"raw_data/{split}.pkl"), key)[key].assign(split=split)
+    held_out = [read_pickle(data.file(f"raw_data/{split}.pkl"), KEY)[KEY].assign(split=split)
                 for split in ("valid", "test") if data.file(f"raw_data/{split}.pkl").exists()]
-    leaked = reviews[key].reset_index().merge(pd.concat(held_out).drop_duplicates(key), on=key) if held_out else []
+    leaked = reviews[KEY].reset_index().merge(pd.concat(held_out).drop_duplicates(KEY), on=KEY) if held_out else []
     if len(leaked):
         listing = data.file("leaked_history_rows.csv")
         atomic_write(listing, lambda f: leaked.rename(columns={"index": "row"}).to_csv(f, index=False), mode="w")
@@ -121,9 +119,9 @@ def load_histories(data: DataArguments, prompt, before_target: bool = True) -> H
                  f"--drop_leaked_history_rows true to leave those rows out of every history.")
         reviews = reviews.drop(index=leaked["index"].unique())
         print(f"left {len(leaked)} review(s) that are also held out ({counts}) out of the histories; see {listing}")
-    return HistoryIndex(reviews, max_his=prompt.max_his, before_target=before_target)
+    return HistoryIndex(reviews, max_his=prompt.max_his)
 
 
-def _text(value) -> str:
+def text(value) -> str:
     """A summary as text: a missing one (None/NaN) becomes "", never the string "nan"."""
     return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)

@@ -162,6 +162,14 @@ def direct_prediction_prompt(product_class: str, title: str, history: History) -
         f"""Based on the above information, please predict the user's rating for "{title}", """ + _RATING_OUTPUT
 
 
+def predictor_prompts(product_class: str, titles, histories, analyses=None) -> list[str]:
+    """The Predictor's prompts, the same in training (3_Predictor/1) and at test (3_Predictor/3): prompt 4 with the
+    Reasoner's `analyses`; without them (None), the direct-prediction ablation's."""
+    if analyses is None:
+        return [direct_prediction_prompt(product_class, t, h) for t, h in zip(titles, histories)]
+    return [rating_prompt(product_class, t, h, a) for t, h, a in zip(titles, histories, analyses)]
+
+
 # ---------------------------------------------------------------------------------------------- judging the reasons
 # This project's own texts (not the paper's): what a reason is judged by against the review the user then wrote.
 GPTSCORE_INSTRUCTION = ("Here is an analysis of whether a user will enjoy an item. "

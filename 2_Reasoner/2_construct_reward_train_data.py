@@ -21,15 +21,13 @@ from utils import ValidArguments, parse_args, read_split, read_table, write_pick
 args, prompt, valid = parse_args(TestPromptArguments, ValidArguments)
 
 
-def examples(rows, histories):
-    return [to_messages(rating_prompt(prompt.product_class, t.title, histories(t.user_id, t.item_id, t.unixReviewTime),
-                                      analysis=t.reviews), rating_answer(t.ratings))
-            for t in rows.itertuples()]
+def examples(rows, before_target=True):
+    return [to_messages(rating_prompt(prompt.product_class, t.title, h, analysis=t.reviews), rating_answer(t.ratings))
+            for t, h in zip(rows.itertuples(), histories.for_rows(rows, before_target))]
 
 
-write_pickle(examples(read_table(args, "review_8000.pkl"), load_histories(args, prompt)),
-             args.file("review_train_data.pkl"))
+histories = load_histories(args, prompt)
+write_pickle(examples(read_table(args, "review_8000.pkl")), args.file("review_train_data.pkl"))
 if args.file("raw_data/valid.pkl").exists():  # histories as the test set's
-    write_pickle(examples(read_split(args, "valid", valid.eval_limit),
-                          load_histories(args, prompt, prompt.test_history_before_target)),
+    write_pickle(examples(read_split(args, "valid", valid.eval_limit), prompt.test_history_before_target),
                  args.file("review_valid_data.pkl"))

@@ -26,7 +26,7 @@ args, prompt, split, model_args, which = parse_args(TestPromptArguments, SplitAr
                                                     ReasonerArguments, data_parallel=True)
 output = reasons_file(split.split, which.reasoner)
 rows = read_split(args, split.split, split.eval_limit)
-contexts = load_histories(args, prompt, prompt.test_history_before_target).for_rows(rows)
+contexts = load_histories(args, prompt).for_rows(rows, prompt.test_history_before_target)
 reasoner = load_expert(args, model_args, which.reasoner)
 
 rows["reasoner_reply"] = reasoner.generate([reason_prompt(prompt.product_class, title, h)

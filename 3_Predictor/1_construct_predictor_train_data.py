@@ -24,8 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from histories import load_histories
 from llm import ModelArguments, load_expert
-from prompts import (TestPromptArguments, direct_prediction_prompt, rating_answer, rating_prompt, reason_prompt,
-                     to_messages)
+from prompts import TestPromptArguments, predictor_prompts, rating_answer, reason_prompt, to_messages
 from utils import COLUMNS, ValidArguments, fail, parse_args, read_split, read_table, reasons_file, write_pickle
 
 TARGETS = {"kept": "distilling_high_quality_reasons.pkl", "all": "train_12000.pkl"}
@@ -48,15 +47,13 @@ if targets_kind not in TARGETS:
 
 def examples(rows, contexts, analyses=None) -> list:
     """Rating prompts (with the analyses, or the ablation's without) -> "Predicted Rating: x.0"."""
-    if predictor.no_reason:
-        questions = [direct_prediction_prompt(prompt.product_class, t, h) for t, h in zip(rows.title, contexts)]
-    else:
-        questions = [rating_prompt(prompt.product_class, t, h, a) for t, h, a in zip(rows.title, contexts, analyses)]
+    questions = predictor_prompts(prompt.product_class, rows.title, contexts, analyses)
     return [to_messages(q, rating_answer(r)) for q, r in zip(questions, rows.ratings)]
 
 
 targets = read_table(args, TARGETS[targets_kind])
-contexts = load_histories(args, prompt).for_rows(targets)
+histories = load_histories(args, prompt)
+contexts = histories.for_rows(targets)
 analyses = None
 if not predictor.no_reason:
     reasoner = load_expert(args, model_args, "Reasoner")
@@ -67,6 +64,6 @@ write_pickle(examples(targets, contexts, analyses), args.file(f"{name}_train_ins
 if args.file("raw_data/valid.pkl").exists():  # the validation rows, their histories built as the test set's
     rows = read_split(args, "valid", valid.eval_limit) if predictor.no_reason else \
         read_table(args, reasons_file("valid"), COLUMNS + ["reasoner_reply"])
-    contexts = load_histories(args, prompt, prompt.test_history_before_target).for_rows(rows)
+    contexts = histories.for_rows(rows, prompt.test_history_before_target)
     write_pickle(examples(rows, contexts, None if predictor.no_reason else rows.reasoner_reply),
                  args.file(f"{name}_valid_instruct.pkl"))

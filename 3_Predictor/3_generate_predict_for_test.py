@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from histories import load_histories
 from llm import ModelArguments, load_expert
-from prompts import TestPromptArguments, direct_prediction_prompt, rating_prompt
+from prompts import TestPromptArguments, predictor_prompts
 from utils import (COLUMNS, SplitArguments, fail, parse_args, ratings_file, read_split, read_table, reasons_file,
                    write_pickle)
 
@@ -37,13 +37,10 @@ if predictor.no_reason:
     rows = read_split(args, split.split, split.eval_limit)
 else:
     rows = read_table(args, reasons_file(split.split, predictor.reasoner), COLUMNS + ["reasoner_reply"])
-contexts = load_histories(args, prompt, prompt.test_history_before_target).for_rows(rows)
+contexts = load_histories(args, prompt).for_rows(rows, prompt.test_history_before_target)
 predictor_model = load_expert(args, model_args, "Direct_Predictor" if predictor.no_reason else "Predictor")
 
-if predictor.no_reason:
-    questions = [direct_prediction_prompt(prompt.product_class, t, h) for t, h in zip(rows.title, contexts)]
-else:
-    questions = [rating_prompt(prompt.product_class, t, h, a) for t, h, a in zip(rows.title, contexts,
-                                                                                 rows.reasoner_reply)]
+questions = predictor_prompts(prompt.product_class, rows.title, contexts,
+                              None if predictor.no_reason else rows.reasoner_reply)
 rows["pred"] = predictor_model.score(questions, desc="Predictor")
 write_pickle(rows, args.file(ratings_file(split.split, None if predictor.no_reason else predictor.reasoner)))

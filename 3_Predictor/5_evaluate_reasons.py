@@ -39,16 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 import parallel
 from cache import ResultCache
-from histories import load_histories
+from histories import load_histories, text
 from llm import load_model
 from prompts import TestPromptArguments, gptscore_prompt, judge_prompt, judge_score, reason_prompt
-from utils import (COLUMNS, atomic_write, fail, matched, paired_interval, parse_args, producer, provenance, read_table,
-                   reasons_file, require_model, write_json, write_pickle)
+from utils import (COLUMNS, KEY, atomic_write, fail, matched, paired_interval, parse_args, producer, provenance,
+                   read_table, reasons_file, require_model, write_json, write_pickle)
 
 REASON = "reasoner_reply"
 REASONERS = {"Reasoner (SFT)": reasons_file("test", "Reasoner"), "Reasoner (GRPO)": reasons_file("test", "Reasoner_GRPO")}
 TEACHER_REASONS = "reason_for_test_by_teacher.pkl"
-KEY = ["user_id", "item_id", "unixReviewTime"]
 
 
 @dataclass
@@ -61,10 +60,6 @@ class ReasonQualityArguments:
         "help": "also ask the teacher for its own reasons for the test targets, and judge them too (paid, cached)"})
     judge: bool = field(default=False, metadata={"help": "also grade every reason with the teacher as judge "
                                                          "(paid, cached)"})
-
-
-def text(value) -> str:
-    return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
 
 
 def reasons_in(name: str) -> np.ndarray:
@@ -113,7 +108,7 @@ if quality.with_teacher or quality.judge:
     teacher = Teacher(args.file("teacher_cache.sqlite"))
     teacher_name = Path(teacher.path).name if teacher.kind == "local" else teacher.model
 if quality.with_teacher:
-    histories = load_histories(args, prompt, prompt.test_history_before_target).for_rows(test)
+    histories = load_histories(args, prompt).for_rows(test, prompt.test_history_before_target)
     labels = [f"{i} of raw_data/test.pkl (user {r.user_id}, item {r.item_id})" for i, r in enumerate(test.itertuples())]
     replies = teacher.ask([reason_prompt(prompt.product_class, title, h) for title, h in zip(test.title, histories)],
                           temperature=0.0, samples=[0] * len(test), labels=labels, desc="teacher reasons")

@@ -89,15 +89,16 @@ training.keep_global_batch(config, args.exact_global_batch)
 
 # The training targets, their prompts and histories; the validation rows, with histories as the test set's.
 targets = read_table(data, TARGETS[args.targets])
-contexts = load_histories(data, prompt).for_rows(targets)
+histories = load_histories(data, prompt)
+contexts = histories.for_rows(targets)
 rows = read_split(data, "valid", valid.eval_limit)
-valid_contexts = load_histories(data, prompt, prompt.test_history_before_target).for_rows(rows)
+valid_contexts = histories.for_rows(rows, prompt.test_history_before_target)
 dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": reason_prompt(prompt.product_class, t, h)}],
                               "row": i} for i, (t, h) in enumerate(zip(targets.title, contexts))])
-job = {"targets": args.targets, "train_data_sha256": sha256(data.file(TARGETS[args.targets])),
-       "reasoner": llm.fingerprint(reasoner_path), "predictor": llm.fingerprint(predictor_path),
-       **{k: v for k, v in asdict(args).items() if k in JOB_SETTINGS}, "load_in_4bit": llm.use_4bit(args.load_in_4bit),
-       **{k: v for k, v in config.to_dict().items() if k in JOB_SETTINGS}, "global_batch": training.global_batch(config)}
+settings = {**asdict(args), **config.to_dict(), "load_in_4bit": llm.use_4bit(args.load_in_4bit),
+            "train_data_sha256": sha256(data.file(TARGETS[args.targets])), "reasoner": llm.fingerprint(reasoner_path),
+            "predictor": llm.fingerprint(predictor_path), "global_batch": training.global_batch(config)}
+job = {name: settings[name] for name in JOB_SETTINGS}
 output = Path(config.output_dir)
 resume = training.resumable_checkpoint(output, job)
 

@@ -95,9 +95,9 @@ def test_histories_from_the_whole_table_when_asked_as_the_authors_original_test_
     """before_target=False (a4fa718's test-time code, its time filter commented out): the latest reviews of the whole
     table and averages over all of them, whatever the target's time."""
     log = review_log(n=300, users=4, items=4)
-    index = HistoryIndex(log, max_his=10, before_target=False)
+    index = HistoryIndex(log, max_his=10)
     row = log.iloc[0]
-    h = index(row.user_id, row.item_id, 0)
+    h = index(row.user_id, row.item_id, 0, before_target=False)
     users = log[log.user_id == row.user_id].sort_values("unixReviewTime", kind="stable")
     assert [r.summary for r in h.user] == users["aspect_preference_summary"].tail(10).tolist()
     assert h.user_avg == pytest.approx(users["ratings"].mean()) and h.user_count == len(users)
