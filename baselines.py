@@ -16,10 +16,11 @@ def surprise_predictions(algorithm, train: pd.DataFrame, rows: pd.DataFrame) -> 
     return np.array([algorithm.predict(u, i).est for u, i in zip(rows["user_id"], rows["item_id"])])
 
 
-def baselines(train: pd.DataFrame, rows: pd.DataFrame) -> dict[str, np.ndarray]:
-    """Each baseline's predictions for `rows`, by name (the names of the printed tables and of metrics.json)."""
-    mu = train["ratings"].mean()
-    return {
+def baselines(train: pd.DataFrame, *row_sets: pd.DataFrame) -> list[dict[str, np.ndarray]]:
+    """Each baseline, fitted once: its predictions for each of `row_sets`, by name (the names of the printed tables
+    and of metrics.json).  A prediction depends on its own user and item only, so the sets are predicted together."""
+    rows, mu = pd.concat(row_sets, ignore_index=True), train["ratings"].mean()
+    predicted = {
         "Global mean": np.full(len(rows), mu),
         # the global mean for a user / item with no training rating
         "User mean": rows["user_id"].map(train.groupby("user_id")["ratings"].mean()).fillna(mu).to_numpy(),
@@ -30,3 +31,5 @@ def baselines(train: pd.DataFrame, rows: pd.DataFrame) -> dict[str, np.ndarray]:
         "SVD": surprise_predictions(SVD(random_state=0), train, rows),
         "SVD++": surprise_predictions(SVDpp(random_state=0), train, rows),
     }
+    ends = np.cumsum([len(r) for r in row_sets])
+    return [{name: p[end - len(r):end] for name, p in predicted.items()} for r, end in zip(row_sets, ends)]

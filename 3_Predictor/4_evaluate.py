@@ -29,8 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: utils, baselines
 
 from baselines import baselines
-from utils import (COLUMNS, ValidArguments, atomic_write, fail, matched, paired_interval, parse_args, provenance,
-                   ratings_file, read_json, read_split, read_table, write_json)
+from utils import (COLUMNS, ValidArguments, atomic_write, fail, matched, paired_interval, parse_args, producer,
+                   provenance, ratings_file, read_json, read_split, read_table, write_json)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -105,15 +105,13 @@ def chosen_checkpoints(experts) -> dict:
 
 args, valid, extra = parse_args(ValidArguments, EvaluateArguments)
 if not args.file(ratings_file("test")).exists():
-    fail(f"{args.file(ratings_file('test'))} not found. Run `3_Predictor/3_generate_predict_for_test.py` first.")
+    fail(f"{args.file(ratings_file('test'))} not found. Run {producer(ratings_file('test'))} first.")
 train = read_table(args, "raw_data/train.pkl", limit=False)
 metrics = {"dataset": args.dataset, "methods": {}}
 inputs, test_methods = [args.file("raw_data/train.pkl")], None
-for split in ("valid", "test"):
-    if not args.file(f"raw_data/{split}.pkl").exists():
-        continue
-    rows = read_split(args, split, valid.eval_limit)
-    methods = baselines(train, rows)
+splits = {split: read_split(args, split, valid.eval_limit) for split in ("valid", "test")
+          if split == "test" or args.file(f"raw_data/{split}.pkl").exists()}  # the validation rows where there are
+for (split, rows), methods in zip(splits.items(), baselines(train, *splits.values())):
     for name, (reasoner, experts) in LLM_METHODS.items():
         file = args.file(ratings_file(split, reasoner))
         if not file.exists():
@@ -124,7 +122,8 @@ for split in ("valid", "test"):
             continue
         methods[name] = pred.astype(float)
         inputs.append(file)
-        metrics["methods"].setdefault(name, {"files": {}, "checkpoints": chosen_checkpoints(experts)})
+        if name not in metrics["methods"]:  # each expert's selection.json read once
+            metrics["methods"][name] = {"files": {}, "checkpoints": chosen_checkpoints(experts)}
         metrics["methods"][name]["files"][split] = str(file)
     if split == "test" and OURS not in methods:
         fail(f"{args.file(ratings_file('test'))} does not hold a prediction for every test row; rerun "

@@ -331,8 +331,9 @@ def main():
         """steps.tsv and summary.md as they stand: written after every step, so that a check cut short by the
         call's time limit still brings back what it did, and says what it did not."""
         rows = rows + [not_run(e, "the check stopped before it") for e in pending]
-        write_steps(rows, out, t0)
-        summary = summarize(rows, out, t0, size, since=bool(args.since))
+        steps = table(rows, out, t0)  # one reading of the memory samples for both files
+        write_steps(steps, out)
+        summary = summarize(rows, steps, out, t0, size, since=bool(args.since))
         (out / "summary.md").write_text(summary)
         return summary
 
@@ -381,11 +382,11 @@ def table(rows: list[dict], out: Path, t0: float) -> list[dict]:
     return lines
 
 
-def write_steps(rows: list[dict], out: Path, t0: float):
+def write_steps(steps: list[dict], out: Path):
     with open(out / "steps.tsv.tmp", "w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS, delimiter="\t", lineterminator="\n")
         writer.writeheader()
-        writer.writerows(table(rows, out, t0))
+        writer.writerows(steps)
     os.replace(out / "steps.tsv.tmp", out / "steps.tsv")
 
 
@@ -425,7 +426,7 @@ def verdict(rows: list[dict]) -> str:
     return "GPU proof: no — " + "; ".join(head + [which(reason, steps) for reason, steps in problems.items()])
 
 
-def summarize(rows: list[dict], out: Path, t0: float, size: str, since: bool) -> str:
+def summarize(rows: list[dict], steps: list[dict], out: Path, t0: float, size: str, since: bool) -> str:
     import torch
 
     import llm
@@ -447,7 +448,7 @@ def summarize(rows: list[dict], out: Path, t0: float, size: str, since: bool) ->
              "| step | process | start (s) | wall (s) | peak GPU allocated (MiB) | peak GPU used, device (MiB) | backend "
              "| 4-bit | device | required | status |",
              "|---|---|---:|---:|---:|---:|---|---|---|---|---|"]
-    for r in table(rows, out, t0):
+    for r in steps:
         lines.append(f"| {r['step']} | {r['process']} | {r['start_s']} | {r['wall_s']} | {r['peak_alloc_MiB']} | "
                      f"{r['peak_smi_MiB']} | {r['backend']} | {r['in_4bit']} | {r['device']} | {r['required']} | "
                      f"{r['status']} |")

@@ -86,11 +86,14 @@ def test_baseline_only_is_the_hand_written_bias_model_and_mf_baselines_are_seede
     rng = np.random.default_rng(0)
     train = frame([(f"u{rng.integers(30)}", f"i{rng.integers(20)}", float(rng.integers(1, 6)), t) for t in range(400)])
     rows = frame([(f"u{rng.integers(35)}", f"i{rng.integers(25)}", 3.0, 1000 + t) for t in range(100)])  # some unseen
-    first, second = baselines(train, rows), baselines(train, rows)
+    (first,), (second,) = baselines(train, rows), baselines(train, rows)
     np.testing.assert_allclose(first["User+item bias"], hand_written_bias(train, rows), rtol=0, atol=1e-9)
     for name in ("SVD", "SVD++"):
         assert ((first[name] >= 1) & (first[name] <= 5)).all() and (first[name] == second[name]).all()
         assert np.abs(first[name] - first["Global mean"]).max() > 0.01  # fitted, not the mean
+    head, tail = baselines(train, rows[:30], rows[30:])  # several row sets, fitted once: as each set alone
+    for name, predicted in first.items():
+        np.testing.assert_array_equal(np.concatenate([head[name], tail[name]]), predicted)
 
 
 def test_llm_rows_are_matched_on_user_item_and_time(tmp_path):
