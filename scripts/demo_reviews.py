@@ -1,10 +1,9 @@
-"""The real review file of the demo and the tests: $REVIEWS_FILE, by default the Amazon 2014 Musical Instruments
-5-core reviews in ../shared/data beside the repository.
+"""The real review file of the demo: the Amazon 2014 Musical Instruments 5-core reviews.
 
     python scripts/demo_reviews.py [--download]
 
-prints the file's path; with --download, where the file is absent, first fetches the official file into
-Data/downloads/ and checks its md5.
+prints the file's path: $REVIEWS_FILE where set, else the copy in the repository's Data/downloads/; with
+--download, where neither is there, first fetches the official file into Data/downloads/ and checks its md5.
 """
 import argparse
 import hashlib
@@ -14,13 +13,13 @@ import urllib.request
 from pathlib import Path
 
 NAME = "reviews_Musical_Instruments_5.json.gz"
-DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / NAME
+DOWNLOADED = Path(__file__).resolve().parents[1] / "Data" / "downloads" / NAME
 URL = f"http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/{NAME}"
 MD5 = "8035b6e3f9194844785b3f4cee296577"
 
 
 def reviews_file() -> Path:
-    return Path(os.environ.get("REVIEWS_FILE") or DEFAULT)
+    return Path(os.environ.get("REVIEWS_FILE") or DOWNLOADED)
 
 
 def download(path: Path) -> Path:
@@ -41,5 +40,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     path = reviews_file()
     if not path.exists() and args.download:
-        path = download(Path("Data") / "downloads" / NAME)
+        if os.environ.get("REVIEWS_FILE"):
+            sys.exit(f"error: REVIEWS_FILE={path} does not exist")
+        path = download(path)
     print(path)

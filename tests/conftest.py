@@ -12,10 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from scripts.demo_reviews import reviews_file  # noqa: E402
 from teacher_server import TeacherServer  # noqa: E402
 
-REAL_DATA = reviews_file()
+REAL_DATA = REPO / "tests" / "fixtures" / "reviews_Musical_Instruments_5.60users.json.gz"  # see make_review_slice.py
 DATASET = "mi"
 
 
@@ -54,11 +53,9 @@ def teacher_server():
 
 @pytest.fixture(scope="session")
 def real_slice(tmp_path_factory) -> Path:
-    """Data/<DATASET>/ prepared from a slice of the real Musical Instruments reviews (60 users)."""
-    if not REAL_DATA.exists():
-        pytest.skip(f"the real data file {REAL_DATA} is not here")
+    """Data/<DATASET>/ prepared from the committed slice of the real Musical Instruments reviews (60 users)."""
     root = tmp_path_factory.mktemp("prepared")
-    run("Data/prepare_data.py", "--input", REAL_DATA, "--dataset", DATASET, "--max_users", "60", cwd=root)
+    run("Data/prepare_data.py", "--input", REAL_DATA, "--dataset", DATASET, cwd=root)
     return root / "Data" / DATASET
 
 

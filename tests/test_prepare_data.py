@@ -1,5 +1,6 @@
-"""Data/prepare_data.py, run as the user runs it: on the real Amazon 2014 file, on small files in the other
-formats, and on bad inputs (one clear message, no partial dataset)."""
+"""Data/prepare_data.py, run as the user runs it: on real Amazon 2014 reviews (the committed slice of the Musical
+Instruments 5-core file, tests/fixtures/make_review_slice.py), on small files in the other formats, and on bad inputs
+(one clear message, no partial dataset)."""
 import gzip
 import json
 import subprocess
@@ -12,16 +13,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from scripts.demo_reviews import reviews_file  # noqa: E402
 from utils import COLUMNS  # noqa: E402
 
 SCRIPT = REPO / "Data" / "prepare_data.py"
-REAL = reviews_file()
+REAL = REPO / "tests" / "fixtures" / "reviews_Musical_Instruments_5.60users.json.gz"
 SPLITS = ("train", "valid", "test")
 DTYPES = {"user_id": "str", "item_id": "str", "title": "str", "ratings": "float64", "reviews": "str",
           "unixReviewTime": "int64"}
-needs_real = pytest.mark.skipif(not REAL.exists(), reason=f"{REAL} is absent (the real Amazon 2014 Musical "
-                                                          f"Instruments 5-core file; see shared/data/README.md)")
 
 
 def prepare(data_dir, *args):
@@ -64,12 +62,9 @@ def file_bytes(folder):
 # ---------------------------------------------------------------------------------------------- the real file
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
-    if not REAL.exists():
-        pytest.skip(f"{REAL} is absent")
     return prepared(tmp_path_factory.mktemp("data"), "Musical_Instruments", "--input", REAL)
 
 
-@needs_real
 def test_real_file_columns_dtypes_and_counts(real):
     splits, info, _ = real
     for df in splits.values():
@@ -78,13 +73,12 @@ def test_real_file_columns_dtypes_and_counts(real):
         assert df["ratings"].between(1, 5).all()
         assert list(df.index) == list(range(len(df)))
     df = everything(splits)
-    assert len(df) == 10_261
-    assert (df["user_id"].nunique(), df["item_id"].nunique()) == (1_429, 900)
+    assert len(df) == 416
+    assert (df["user_id"].nunique(), df["item_id"].nunique()) == (60, 299)
     assert (df["title"] == df["item_id"]).all()  # no --meta: the id stands in
-    assert (df["reviews"] == "").sum() == 7
+    assert (df["reviews"] == "").sum() == 1
 
 
-@needs_real
 def test_real_split_is_chronological_and_keeps_ties_together(real):
     splits, info, _ = real
     train, valid, test = (splits[s]["unixReviewTime"] for s in SPLITS)
@@ -92,25 +86,23 @@ def test_real_split_is_chronological_and_keeps_ties_together(real):
     assert info["split"]["cut_times"] == [valid.min(), test.min()]
     for df in splits.values():
         assert df["unixReviewTime"].is_monotonic_increasing
-    shares = [len(splits[s]) / 10_261 for s in SPLITS]
+    shares = [len(splits[s]) / 416 for s in SPLITS]
     assert shares == pytest.approx([0.8, 0.1, 0.1], abs=0.02)
 
 
-@needs_real
 def test_real_dataset_json(real):
     splits, info, stdout = real
-    assert info["source_md5"] == "8035b6e3f9194844785b3f4cee296577"
+    assert info["source_md5"] == "ce65ee40983704a437d646358462bf16"
     assert (info["format"], info["product_class"], info["meta"], info["meta_md5"]) == (
         "amazon2014", "Musical Instruments", None, None)
-    assert info["total"] == {"rows": 10_261, "users": 1_429, "items": 900}
+    assert info["total"] == {"rows": 416, "users": 60, "items": 299}
     for s in SPLITS:
         assert info["splits"][s] == {"rows": len(splits[s]), "users": splits[s]["user_id"].nunique(),
                                      "items": splits[s]["item_id"].nunique()}
-    assert "7 reviews have no text" in stdout
+    assert "1 reviews have no text" in stdout
     assert "no --meta given" in stdout
 
 
-@needs_real
 def test_real_max_users_is_an_exact_deterministic_sample(tmp_path):
     runs = [prepared(tmp_path / str(i), "MI", "--input", REAL, "--max_users", 50) for i in range(2)]
     assert everything(runs[0][0])["user_id"].nunique() == 50
