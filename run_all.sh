@@ -95,8 +95,8 @@ step "Predictor 3: rate the $split rows, no reason" python "$R/3_Predictor/3_gen
 done
 step "GRPO 1: refine the Reasoner"            bash "$R/4_GRPO/1_reasoner_grpo_train.sh" ${GRPO_ARGS:-} ${DATA_ARGS:-}
 for split in valid test; do
-step "GRPO 2: reasons for the $split rows"    python "$R/4_GRPO/2_generate_reason_for_test.py" --split $split ${GEN_ARGS:-} ${DATA_ARGS:-}
-step "GRPO 3: rate the $split rows"           python "$R/4_GRPO/3_generate_predict_for_test.py" --split $split ${GEN_ARGS:-} ${DATA_ARGS:-}
+step "GRPO 2: reasons for the $split rows"    bash "$R/4_GRPO/2_generate_reason_for_test.sh" --split $split ${GEN_ARGS:-} ${DATA_ARGS:-}
+step "GRPO 3: rate the $split rows"           bash "$R/4_GRPO/3_generate_predict_for_test.sh" --split $split ${GEN_ARGS:-} ${DATA_ARGS:-}
 done
 step "Evaluate: ratings"                      python "$R/3_Predictor/4_evaluate.py" ${DATA_ARGS:-}
 # the teacher as judge where it is a remote LLM, not a local model (the demo's is SmolLM2-135M)

@@ -56,10 +56,10 @@ PRODUCERS = {
     "rating_for_test_direct.pkl": "3_Predictor/3_generate_predict_for_test.py --no_reason",
     "rating_for_valid_direct.pkl": "3_Predictor/3_generate_predict_for_test.py --no_reason --split valid",
     "Reasoner_GRPO": "4_GRPO/1_reasoner_grpo_train.sh",
-    "reason_for_test_by_reasoner_grpo.pkl": "4_GRPO/2_generate_reason_for_test.py",
-    "reason_for_valid_by_reasoner_grpo.pkl": "4_GRPO/2_generate_reason_for_test.py --split valid",
-    "rating_for_test_by_predictor_grpo.pkl": "4_GRPO/3_generate_predict_for_test.py",
-    "rating_for_valid_by_predictor_grpo.pkl": "4_GRPO/3_generate_predict_for_test.py --split valid",
+    "reason_for_test_by_reasoner_grpo.pkl": "4_GRPO/2_generate_reason_for_test.sh",
+    "reason_for_valid_by_reasoner_grpo.pkl": "4_GRPO/2_generate_reason_for_test.sh --split valid",
+    "rating_for_test_by_predictor_grpo.pkl": "4_GRPO/3_generate_predict_for_test.sh",
+    "rating_for_valid_by_predictor_grpo.pkl": "4_GRPO/3_generate_predict_for_test.sh --split valid",
     "reason_for_test_by_teacher.pkl": "3_Predictor/5_evaluate_reasons.py --with_teacher",
 }
 

@@ -117,8 +117,8 @@ def main_steps(s: dict, optional: set[str]) -> list[dict]:
                        f"--no_reason --split valid {gen}")]
     if "grpo" in optional:
         steps += [step("GRPO 1: refine the Reasoner", "4_GRPO/1_reasoner_grpo_train.sh", s["grpo"]),
-                  step("GRPO 2: reasons for the test rows", "4_GRPO/2_generate_reason_for_test.py", f"--split test {gen}"),
-                  step("GRPO 3: rate the test rows", "4_GRPO/3_generate_predict_for_test.py", f"--split test {gen}")]
+                  step("GRPO 2: reasons for the test rows", "4_GRPO/2_generate_reason_for_test.sh", f"--split test {gen}"),
+                  step("GRPO 3: rate the test rows", "4_GRPO/3_generate_predict_for_test.sh", f"--split test {gen}")]
     if "evaluate" in optional:
         steps.append(step("Evaluate: ratings", "3_Predictor/4_evaluate.py", needs=("surprise", "matplotlib")))
     return steps
