@@ -240,7 +240,7 @@ class Expert:
             last = torch.tensor([len(seq) - 1 for seq in batch])
             input_ids = _pad(tokenizer, batch, "right")["input_ids"]
             keep = torch.unique(last)  # the sequence positions whose logits are needed, sorted
-            logits = model(input_ids=input_ids.to(model.device), logits_to_keep=keep.to(model.device)).logits
+            logits = _kept_logits(model, input_ids, keep)
             logits = logits[torch.arange(len(batch)), torch.searchsorted(keep, last)].float()
             probs = torch.softmax(logits[:, digits.to(logits.device)], dim=-1)
             expected = probs @ torch.arange(1.0, 6.0, device=probs.device)
@@ -259,8 +259,9 @@ class Expert:
         answer has no tokens: NaN.
 
         Padded on the right without a padding mask, as `score`: every answer token lies before its row's padding.
-        Only the logits of the answers' positions are computed; a batch holds batch_size x answer length x
-        vocabulary of them, which `batch_size` bounds."""
+        Only the logits of the answers' positions are asked for; a batch holds batch_size x answer length x
+        vocabulary of them (under Unsloth, which computes every position's, x sequence length), which `batch_size`
+        bounds."""
         model, tokenizer = self.model, self.tokenizer
         prompts, answers = [chat_text(tokenizer, q) for q in questions], [str(a) for a in answers]
         if not prompts:
@@ -276,7 +277,7 @@ class Expert:
             input_ids = _pad(tokenizer, batch, "right")["input_ids"]
             # The logits at position t predict token t + 1: those of positions start - 1 .. end - 2 are needed.
             keep = torch.unique(torch.cat([torch.arange(start - 1, end - 1) for start, end in spans]))
-            logits = model(input_ids=input_ids.to(model.device), logits_to_keep=keep.to(model.device)).logits
+            logits = _kept_logits(model, input_ids, keep)
             means = []
             for row, (start, end) in enumerate(spans):
                 at = torch.searchsorted(keep, torch.arange(start - 1, end - 1)).to(logits.device)
@@ -305,6 +306,19 @@ def batches(lengths, batch_size: int):
 def _pad(tokenizer, ids, side: str):
     """A batch of token-id lists as tensors padded on `side`, with their attention mask."""
     return tokenizer.pad({"input_ids": ids}, padding_side=side, return_tensors="pt")
+
+
+def _kept_logits(model, input_ids, keep):
+    """The logits at the sequence positions `keep` (sorted, distinct) of every row: (rows, len(keep), vocabulary).
+    Only those are asked for (`logits_to_keep` as a tensor of positions), and transformers returns those only; Unsloth's
+    fast forward ignores such a tensor and returns every position's.  The returned length says which came back."""
+    logits = model(input_ids=input_ids.to(model.device), logits_to_keep=keep.to(model.device)).logits
+    if logits.shape[1] == input_ids.shape[1]:  # every position (also what was kept, when that is all of them)
+        return logits[:, keep.to(logits.device)]
+    if logits.shape[1] != len(keep):
+        raise RuntimeError(f"the model returned the logits of {logits.shape[1]} positions, neither the {len(keep)} "
+                           f"asked for nor all {input_ids.shape[1]}")
+    return logits
 
 
 def _run_batched(keys, ids, batch_size, cache, desc, compute, share: bool = True):

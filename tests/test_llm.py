@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import llm
+import unsloth_like
 from cache import ResultCache
 
 SMOLLM2 = Path(__file__).resolve().parents[1] / "models" / "SmolLM2-135M-Instruct"
@@ -42,6 +43,32 @@ def test_rating_prediction_is_the_expectation_over_the_five_digits(model):
     digits = [tokenizer.convert_tokens_to_ids(d) for d in "12345"]
     expected = (torch.softmax(logits[digits], -1) * torch.arange(1.0, 6.0)).sum().item()
     assert model.score(QUESTIONS[:1])[0] == pytest.approx(expected, abs=1e-5)
+
+
+def test_ratings_and_likelihoods_are_the_same_when_the_model_returns_every_position(model, tiny_model):
+    """Unsloth's fast forward ignores a tensor `logits_to_keep` and returns every position's logits (imitated by
+    unsloth_like.fast_forward): `score` and `loglikelihood` read the same numbers as from transformers, which returns
+    the kept positions only; also through a LoRA adapter, as the experts are."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    answers = [q[::-1] for q in QUESTIONS]  # of several lengths
+
+    def numbers(expert):
+        return expert.score(QUESTIONS, batch_size=3), expert.loglikelihood(QUESTIONS, answers, batch_size=3)
+
+    adapted = llm.load_model(tiny_model)
+    adapted.model = get_peft_model(adapted.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                             init_lora_weights=False))
+    for expert in (model, adapted):
+        expected = numbers(expert)
+        with unsloth_like.fast_forward(expert.model):
+            ids = torch.tensor([expert.encode(["hello there"])[0]])
+            assert expert.model(input_ids=ids, logits_to_keep=torch.tensor([1])).logits.shape[1] == ids.shape[1]
+            assert expert.model(input_ids=ids, logits_to_keep=2).logits.shape[1] == 2
+            got = numbers(expert)
+        for g, e in zip(got, expected):
+            np.testing.assert_allclose(g, e, rtol=0, atol=1e-5)
 
 
 def test_chat_text_comes_from_the_template_without_a_second_bos(model):
