@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
+from itertools import count
 from pathlib import Path
 
 import numpy as np
@@ -177,10 +177,11 @@ def export(source, folder: Path, save_lm_head: bool = True):
 
 def replace_atomically(final: Path, folder: Path):
     """Put `folder` in the place of `final` in one atomic step, so that a kill at any moment leaves the old `final` or
-    the new one, never neither: `final` is a symbolic link to a hidden folder beside it, replaced by a rename (atomic
-    in POSIX).  The folders beside it that it no longer names are then deleted (also those of an interrupted run).  A
-    `final` that is a plain folder (copied without its link) is moved aside first, the one moment it is missing."""
-    target = final.with_name(f".{final.name}.{time.time_ns()}")
+    the new one, never neither: `final` is a symbolic link to a hidden folder beside it (the first free name of
+    .<name>.1, .<name>.2, ...), replaced by a rename (atomic in POSIX).  The folders beside it that it no longer names
+    are then deleted (also those of an interrupted run).  A `final` that is a plain folder (copied without its link)
+    is moved aside first, the one moment it is missing."""
+    target = next(v for v in (final.with_name(f".{final.name}.{n}") for n in count(1)) if not v.exists())
     folder.replace(target)
     link = final.with_name(f".{final.name}.link")
     link.unlink(missing_ok=True)
