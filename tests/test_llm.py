@@ -71,6 +71,21 @@ def test_ratings_and_likelihoods_are_the_same_when_the_model_returns_every_posit
             np.testing.assert_allclose(g, e, rtol=0, atol=1e-5)
 
 
+def test_answers_do_not_depend_on_the_tokenizers_padding_side(model):
+    """Unsloth's for_training and its patched trainers set the shared tokenizer's padding_side to "right" (its
+    from_pretrained and for_inference set "left"): generation and scoring pad each batch on the side they need
+    themselves, so that setting changes no answer."""
+    questions = QUESTIONS[:4]
+    expected = model.generate(questions, max_new_tokens=8, batch_size=4), model.score(questions, batch_size=4)
+    saved, model.tokenizer.padding_side = model.tokenizer.padding_side, "right"
+    try:
+        got = model.generate(questions, max_new_tokens=8, batch_size=4), model.score(questions, batch_size=4)
+    finally:
+        model.tokenizer.padding_side = saved
+    assert got[0] == expected[0]
+    np.testing.assert_allclose(got[1], expected[1], rtol=0, atol=1e-6)
+
+
 def test_chat_text_comes_from_the_template_without_a_second_bos(model):
     tokenizer = model.tokenizer
     ids = tokenizer(llm.chat_text(tokenizer, "hello"), add_special_tokens=False).input_ids
