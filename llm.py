@@ -258,9 +258,8 @@ class Expert:
         def compute(batch, rows):
             last = torch.tensor([len(seq) - 1 for seq in batch])
             input_ids = _pad(tokenizer, batch, "right")["input_ids"]
-            keep = torch.unique(last)  # the sequence positions whose logits are needed, sorted
-            logits = _kept_logits(model, input_ids, keep)
-            logits = logits[torch.arange(len(batch)), torch.searchsorted(keep, last)].float()
+            first = int(last.min())  # the logits of positions first .. the end hold every row's last token
+            logits = _logits_from(model, input_ids, first)[torch.arange(len(batch)), last - first].float()
             probs = torch.softmax(logits[:, digits.to(logits.device)], dim=-1)
             expected = probs @ torch.arange(1.0, 6.0, device=probs.device)
             return expected.clamp(1.0, 5.0).tolist()
@@ -278,9 +277,8 @@ class Expert:
         answer has no tokens: NaN.
 
         Padded on the right without a padding mask, as `score`: every answer token lies before its row's padding.
-        Only the logits of the answers' positions are asked for; a batch holds batch_size x answer length x
-        vocabulary of them (under Unsloth, which computes every position's, x sequence length), which `batch_size`
-        bounds."""
+        Only the logits from the first answer token of the batch on are computed; a batch holds about batch_size x
+        answer length x vocabulary of them, which `batch_size` bounds."""
         model, tokenizer = self.model, self.tokenizer
         prompts, answers = [chat_text(tokenizer, q) for q in questions], [str(a) for a in answers]
         if not prompts:
@@ -295,12 +293,11 @@ class Expert:
                 return [float("nan")] * len(batch)
             input_ids = _pad(tokenizer, batch, "right")["input_ids"]
             # The logits at position t predict token t + 1: those of positions start - 1 .. end - 2 are needed.
-            keep = torch.unique(torch.cat([torch.arange(start - 1, end - 1) for start, end in spans]))
-            logits = _kept_logits(model, input_ids, keep)
+            first = min(start for start, end in spans if end > start) - 1
+            logits = _logits_from(model, input_ids, first)
             means = []
             for row, (start, end) in enumerate(spans):
-                at = torch.searchsorted(keep, torch.arange(start - 1, end - 1)).to(logits.device)
-                logprobs = torch.log_softmax(logits[row, at].float(), dim=-1)
+                logprobs = torch.log_softmax(logits[row, start - 1 - first:end - 1 - first].float(), dim=-1)
                 targets = input_ids[row, start:end].to(logprobs.device)
                 means.append(logprobs.gather(-1, targets[:, None]).mean().item() if end > start else float("nan"))
             return means
@@ -327,16 +324,19 @@ def _pad(tokenizer, ids, side: str):
     return tokenizer.pad({"input_ids": ids}, padding_side=side, return_tensors="pt")
 
 
-def _kept_logits(model, input_ids, keep):
-    """The logits at the sequence positions `keep` (sorted, distinct) of every row: (rows, len(keep), vocabulary).
-    Only those are asked for (`logits_to_keep` as a tensor of positions), and transformers returns those only; Unsloth's
-    fast forward ignores such a tensor and returns every position's.  The returned length says which came back."""
-    logits = model(input_ids=input_ids.to(model.device), logits_to_keep=keep.to(model.device)).logits
-    if logits.shape[1] == input_ids.shape[1]:  # every position (also what was kept, when that is all of them)
-        return logits[:, keep.to(logits.device)]
-    if logits.shape[1] != len(keep):
-        raise RuntimeError(f"the model returned the logits of {logits.shape[1]} positions, neither the {len(keep)} "
-                           f"asked for nor all {input_ids.shape[1]}")
+def _logits_from(model, input_ids, first: int):
+    """The logits of positions `first` .. the end of every row: (rows, length - first, vocabulary).  They are asked for
+    as a count of last positions (`logits_to_keep=length - first`), the form that transformers and Unsloth's fast
+    forward both honour (Unsloth's ignores a tensor of positions and computes every position's); a batch is sorted
+    by length, so the count stays small.  The returned length is checked, not assumed: a model that returns every
+    position all the same is read at the right ones."""
+    length = input_ids.shape[1]
+    logits = model(input_ids=input_ids.to(model.device), logits_to_keep=length - first).logits
+    if logits.shape[1] == length:  # every position: what was asked for, or more
+        return logits[:, first:]
+    if logits.shape[1] != length - first:
+        raise RuntimeError(f"the model returned the logits of {logits.shape[1]} positions, neither the last "
+                           f"{length - first} asked for nor all {length}")
     return logits
 
 

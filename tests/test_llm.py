@@ -47,8 +47,9 @@ def test_rating_prediction_is_the_expectation_over_the_five_digits(model):
 
 def test_ratings_and_likelihoods_are_the_same_when_the_model_returns_every_position(model, tiny_model):
     """Unsloth's fast forward ignores a tensor `logits_to_keep` and returns every position's logits (imitated by
-    unsloth_like.fast_forward): `score` and `loglikelihood` read the same numbers as from transformers, which returns
-    the kept positions only; also through a LoRA adapter, as the experts are."""
+    unsloth_like.fast_forward), and a model may return every position whatever it is asked: `score` and
+    `loglikelihood` read the same numbers as from transformers, which returns the kept positions only; also through a
+    LoRA adapter, as the experts are."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -62,13 +63,17 @@ def test_ratings_and_likelihoods_are_the_same_when_the_model_returns_every_posit
                                                              init_lora_weights=False))
     for expert in (model, adapted):
         expected = numbers(expert)
+        ids = torch.tensor([expert.encode(["hello there"])[0]])
         with unsloth_like.fast_forward(expert.model):
-            ids = torch.tensor([expert.encode(["hello there"])[0]])
             assert expert.model(input_ids=ids, logits_to_keep=torch.tensor([1])).logits.shape[1] == ids.shape[1]
             assert expert.model(input_ids=ids, logits_to_keep=2).logits.shape[1] == 2
             got = numbers(expert)
-        for g, e in zip(got, expected):
+        with unsloth_like.fast_forward(expert.model, unsloth_like.every_position):  # a model that ignores the count too
+            assert expert.model(input_ids=ids, logits_to_keep=2).logits.shape[1] == ids.shape[1]
+            got_all = numbers(expert)
+        for g, a, e in zip(got, got_all, expected):
             np.testing.assert_allclose(g, e, rtol=0, atol=1e-5)
+            np.testing.assert_allclose(a, e, rtol=0, atol=1e-5)
 
 
 def test_answers_do_not_depend_on_the_tokenizers_padding_side(model):

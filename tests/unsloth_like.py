@@ -21,22 +21,31 @@ from contextlib import contextmanager
 import torch
 
 
+def unsloth_rule(num_logits_to_keep=0, logits_to_keep=0):
+    """What Unsloth's fast forward passes on as the count of last positions to compute (0: every position)."""
+    if isinstance(num_logits_to_keep, torch.Tensor) or isinstance(logits_to_keep, torch.Tensor):
+        return 0
+    return max(num_logits_to_keep, logits_to_keep)
+
+
+def every_position(num_logits_to_keep=0, logits_to_keep=0):
+    """A forward that computes every position's logits whatever it is asked for."""
+    return 0
+
+
 @contextmanager
-def fast_forward(model):
+def fast_forward(model, rule=unsloth_rule):
     """Within the block, `model` (a causal LM, or a PEFT model around one) answers `logits_to_keep` as Unsloth's fast
-    forward does: a tensor of positions gives every position's logits.  Yields the model."""
+    forward does (or as `rule` says): a tensor of positions gives every position's logits.  Yields the model."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     own = vars(causal_lm).get("forward")  # a forward already set on this model (e.g. accelerate's device hook)
     original = causal_lm.forward
 
-    def unsloth_forward(*args, num_logits_to_keep=0, logits_to_keep=0, **kwargs):
-        if isinstance(num_logits_to_keep, torch.Tensor) or isinstance(logits_to_keep, torch.Tensor):
-            num_logits_to_keep = 0
-        else:
-            num_logits_to_keep = max(num_logits_to_keep, logits_to_keep)
-        return original(*args, logits_to_keep=num_logits_to_keep, **kwargs)  # 0: every position, as in transformers
+    def patched_forward(*args, num_logits_to_keep=0, logits_to_keep=0, **kwargs):
+        count = rule(num_logits_to_keep, logits_to_keep)
+        return original(*args, logits_to_keep=count, **kwargs)  # 0: every position, as in transformers
 
-    causal_lm.forward = unsloth_forward  # an instance attribute: PEFT's LoraModel calls the model, which finds it
+    causal_lm.forward = patched_forward  # an instance attribute: PEFT's LoraModel calls the model, which finds it
     try:
         yield model
     finally:
