@@ -10,9 +10,12 @@ import hashlib
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
@@ -85,6 +88,34 @@ def ratings_file(split: str, reasoner: str | None = "Reasoner") -> str:
 def fail(message: str):
     """Stop the script with one clear message (and a non-zero exit), never a deep traceback."""
     raise SystemExit(f"error: {message}")
+
+
+class Stop(Exception):
+    """SIGINT or SIGTERM, raised in the main thread while the teacher works (see `stop_signals`)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def stop_signals():
+    """While in this block, SIGINT and SIGTERM (each one, a second one too) raise `Stop` in the main thread."""
+    def handler(signum, frame):
+        raise Stop(signum)
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def exit_stopped(stop: Stop, message: str):
+    print(f"\nstopped by {stop}: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(128 + stop.signum)  # the shell's convention: 130 after SIGINT, 143 after SIGTERM
 
 
 # ----------------------------------------------------------------------------------------------- arguments

@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 from openai import OpenAI
 
-import teacher as teacher_module
+import teacher_batch
 from cache import ResultCache
 from conftest import DATASET, FAST, REPO, environment, pipeline_env, run
 from teacher import Teacher
@@ -134,7 +134,7 @@ def test_error_lines_go_out_again_in_a_new_batch_a_bounded_number_of_times_then_
     assert message.startswith("error: 1 teacher requests failed in the Batch API 3 times: row r7: HTTP 500: "
                               "injected server error. The 11 answers received are kept")
     assert "\n" not in message and "r3" not in message
-    assert sizes(server) == [12, 2, 1] and teacher_module.BATCH_MAX_ATTEMPTS == 3
+    assert sizes(server) == [12, 2, 1] and teacher_batch.BATCH_MAX_ATTEMPTS == 3
     assert rows(cache) == 11 and server.repeated == 0
     server.line_faults.clear()  # a rerun tries the reported row afresh
     assert Teacher(cache).ask(PROMPTS, temperature=0.2)[7] == teacher_answer(PROMPTS[7], 0.2, 0)
@@ -180,11 +180,11 @@ def test_the_enqueued_token_limit_waits_and_sends_the_batch_again(tmp_path, env,
 def test_a_big_step_is_split_into_batches_within_the_limits(tmp_path, env, monkeypatch):
     server = TeacherServer()
     env(server, TEACHER_BATCH="1")
-    monkeypatch.setattr(teacher_module, "BATCH_MAX_REQUESTS", 5)
+    monkeypatch.setattr(teacher_batch, "BATCH_MAX_REQUESTS", 5)
     Teacher(tmp_path / "a.sqlite").ask(PROMPTS, temperature=0.2)
     assert sizes(server) == [5, 5, 2]
-    monkeypatch.setattr(teacher_module, "BATCH_MAX_REQUESTS", 50_000)
-    monkeypatch.setattr(teacher_module, "BATCH_MAX_BYTES", 1000)
+    monkeypatch.setattr(teacher_batch, "BATCH_MAX_REQUESTS", 50_000)
+    monkeypatch.setattr(teacher_batch, "BATCH_MAX_BYTES", 1000)
     Teacher(tmp_path / "b.sqlite").ask(PROMPTS, temperature=0.5)
     inputs = [len(server.files[b["input_file_id"]]["data"]) for b in list(server.batches.values())[3:]]
     assert sum(sizes(server)[3:]) == 12 and len(inputs) > 2 and max(inputs) <= 1000
@@ -275,8 +275,8 @@ def test_one_by_one_after_a_killed_batch_run_takes_in_its_batch_once_it_has_ende
 CREATE_THEN_DIE = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import cache
-cache.ResultCache.record_batch = lambda *args: os.kill(os.getpid(), signal.SIGKILL)  # dies right after creating
+import teacher_batch
+teacher_batch.BatchBook.record = lambda *args: os.kill(os.getpid(), signal.SIGKILL)  # dies right after creating
 from teacher import Teacher
 Teacher({cache!r}).ask({prompts!r}, temperature=0.2, desc="teacher summaries")
 """
