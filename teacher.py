@@ -51,9 +51,9 @@ from utils import Stop, exit_stopped, fail, stop_signals
 HELP = ("set OPENAI_API_KEY (and optionally OPENAI_BASE_URL, TEACHER_MODEL; default gpt-3.5-turbo), "
         "or TEACHER=local with TEACHER_MODEL_PATH=<model folder> for an offline teacher")
 
-# USD per 1M prompt (input) and completion (output) tokens: OpenAI's list prices for its standard API, taken on
-# 2026-11-28 from stored copies of its pricing page and of 2026 price lists that quote it (all agreeing); prices change,
-# so TEACHER_PRICES overrides or extends them.  A dated snapshot (gpt-4o-mini-2024-07-18) takes its model's price.
+# USD per 1M prompt (input) and completion (output) tokens: OpenAI's list prices for its standard API, from OpenAI's
+# pricing page, 2026-11-28.  Prices change: TEACHER_PRICES overrides or extends them.  A dated snapshot
+# (gpt-4o-mini-2024-07-18) takes its model's price.
 PRICES = {
     "gpt-3.5-turbo": (0.50, 1.50),
     "gpt-4o": (2.50, 10.00),
