@@ -10,7 +10,8 @@ Settings come from the environment, never from the source:
     TEACHER_MAX_TOKENS    default 4096, as in the official code
     TEACHER_BATCH=1       send a step's requests through the OpenAI Batch API instead (teacher_batch.py): half the
                           price, answers within 24 hours; TEACHER_BATCH_POLL: the longest wait between two looks at
-                          them (default 60 s)
+                          them (default 60 s); TEACHER_BATCH_TOKENS: the estimated prompt tokens of one batch at most
+                          (default 1,000,000), to fit the organization's enqueued-token limit
     TEACHER_PRICES        USD per 1M prompt and completion tokens, a JSON file or inline JSON, e.g.
                           '{"gpt-4o-mini": [0.15, 0.6]}': overrides or extends PRICES below
     TEACHER=local with TEACHER_MODEL_PATH=<model folder> uses a local model instead (offline demos), generating
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -45,9 +47,10 @@ from tqdm.auto import tqdm
 
 import parallel
 from cache import ResultCache
-from teacher_batch import BatchAPI
+from teacher_batch import BATCH_TOKENS, BatchAPI, empty_cause
 from utils import Stop, exit_stopped, fail, stop_signals
 
+OPENAI_ENDPOINT = "https://api.openai.com/v1"  # the openai client's default base URL
 HELP = ("set OPENAI_API_KEY (and optionally OPENAI_BASE_URL, TEACHER_MODEL; default gpt-3.5-turbo), "
         "or TEACHER=local with TEACHER_MODEL_PATH=<model folder> for an offline teacher")
 
@@ -66,7 +69,10 @@ PRICES = {
     "gpt-5-nano": (0.05, 0.40),
 }
 BATCH_DISCOUNT = 0.5  # the Batch API bills half the list price
-CHARS_PER_TOKEN = 4  # --dry_run counts a prompt's tokens approximately, as its characters / 4
+CHARS_PER_TOKEN = 4  # a prompt's tokens are estimated (--dry_run, the Batch API's parts) as its characters / 4
+# Models that reason before they answer (OpenAI's o-series and gpt-5, but not gpt-5-chat): they take
+# max_completion_tokens instead of max_tokens, and only their default temperature, 1.
+REASONING = re.compile(r"(o\d|gpt-5)([-.].*)?")
 GUESSED_ANSWER_TOKENS = 200  # --dry_run's guess of an answer's length, where the cache holds no answer to average
 
 
@@ -102,15 +108,17 @@ def load_prices() -> dict:
 
 
 class Teacher:
-    def __init__(self, cache_path: str | Path, dry_run: bool = False):
-        """Checks the settings at once, so that a missing key (or an endpoint without the Batch API, under
-        TEACHER_BATCH=1) fails before any work starts.  A dry run needs no key and sends nothing."""
+    def __init__(self, cache_path: str | Path, dry_run: bool = False, temperatures=()):
+        """Checks the settings at once, so that a missing key, a temperature the model does not take (the step names
+        the `temperatures` it asks at) or an endpoint without the Batch API (under TEACHER_BATCH=1) fails before any
+        work starts.  A dry run needs no key and sends nothing."""
         self.kind = os.environ.get("TEACHER", "openai")
         self.max_tokens = setting("TEACHER_MAX_TOKENS", 4096)
         self.concurrency = setting("TEACHER_CONCURRENCY", 16)
         self.timeout = setting("TEACHER_TIMEOUT", 120, float)
         self.max_retries = setting("TEACHER_MAX_RETRIES", 6)
         self.poll = setting("TEACHER_BATCH_POLL", 60, float)
+        self.batch_tokens = setting("TEACHER_BATCH_TOKENS", BATCH_TOKENS, float)
         self.batch = os.environ.get("TEACHER_BATCH", "0") or "0"
         if self.batch not in ("0", "1"):
             fail(f"TEACHER_BATCH must be 1 (through the Batch API) or 0 (one by one), not {self.batch!r}")
@@ -127,8 +135,13 @@ class Teacher:
                      "(TEACHER=local) does not have: unset TEACHER_BATCH, or use an OpenAI endpoint")
             self.model = f"local:{Path(self.path).resolve()}"
             self._local = None
+            import llm
+
+            self.source = f"local weights {llm.fingerprint(self.path)}"
         elif self.kind == "openai":
             self.model = os.environ.get("TEACHER_MODEL", "gpt-3.5-turbo")
+            endpoint = (os.environ.get("OPENAI_BASE_URL") or OPENAI_ENDPOINT).rstrip("/")
+            self.source = self.model if endpoint == OPENAI_ENDPOINT else f"{self.model} at {endpoint}"
             if not dry_run:
                 self._secret = os.environ.get("OPENAI_API_KEY") or fail(f"no teacher configured: {HELP}")
                 from openai import OpenAI
@@ -136,6 +149,9 @@ class Teacher:
                 self.client = OpenAI(max_retries=self.max_retries, timeout=self.timeout)
         else:
             fail(f"TEACHER must be openai or local, not {self.kind!r}")
+        self.reasoning = self.kind == "openai" and bool(REASONING.fullmatch(self.model)) and "-chat" not in self.model
+        for temperature in temperatures:
+            self.check(temperature)
         self.cache = ResultCache(cache_path)
         if self.kind == "openai" and not dry_run:
             self.batches = BatchAPI(self)
@@ -143,8 +159,9 @@ class Teacher:
                 self.batches.check()
 
     def key(self, prompt: str, temperature: float, sample: int) -> str:
-        """What determines an answer; `sample` tells the k-th independent draw for the same prompt apart."""
-        return ResultCache.key("teacher", self.model, prompt, temperature, self.max_tokens, sample)
+        """What determines an answer: the model (and the endpoint that serves it; a local teacher's weights), the
+        request, and `sample`, which tells the k-th independent draw for the same prompt apart."""
+        return ResultCache.key("teacher", self.source, prompt, temperature, self.max_tokens, sample)
 
     def ask(self, prompts: list[str], *, temperature: float, samples=None, labels=None,
             desc: str = "teacher") -> list[str]:
@@ -152,6 +169,7 @@ class Teacher:
         of one prompt; `labels[i]` names the row in errors.  Under --dry_run: print what this would send, and stop."""
         samples = samples if samples is not None else [0] * len(prompts)
         labels = labels if labels is not None else [f"#{i}" for i in range(len(prompts))]
+        self.check(temperature)
         if self.dry_run:
             self.estimate([(desc, prompts, temperature, samples)])
         keys, found = self._lookup(prompts, temperature, samples)
@@ -159,21 +177,44 @@ class Teacher:
         self.usage["cached"] += len(set(keys)) - len(todo)
         if todo and self.kind == "local":  # a local model: every process of a data-parallel run takes its share
             found.update(self._ask_local(todo, temperature, desc))
-        elif todo:  # a paid endpoint: the main process alone asks, and shares the answers
-            ask = self.batches.ask if self.batch else self._ask_one_by_one
-            found.update(parallel.broadcast(ask(todo, temperature, desc) if parallel.is_main_process() else None))
+        elif todo and parallel.is_main_process():  # a paid endpoint: the main process alone asks
+            found.update((self.batches.ask if self.batch else self._ask_one_by_one)(todo, temperature, desc))
+        elif todo:
+            found.update(self._await(todo))
         return [found[k] for k in keys]
+
+    def _await(self, todo: dict) -> dict:
+        """Another process of a data-parallel run: wait for the main process to put the answers of `todo` into the
+        cache file they share.  The wait may last hours (a batch takes up to 24): it stays outside the process group,
+        whose collectives time out (30 minutes by default).  Should the main process fail, the launcher ends this one."""
+        while len(answers := self.cache.get_many(todo)) < len(todo):
+            time.sleep(1.0)
+        return answers
 
     def _lookup(self, prompts: list[str], temperature: float, samples) -> tuple[list[str], dict]:
         """The cache keys of these requests, and the answers the cache already holds."""
         keys = [self.key(p, temperature, s) for p, s in zip(prompts, samples)]
         return keys, self.cache.get_many(keys)
 
+    def check(self, temperature: float):
+        """Refuse, before anything is sent, a temperature that the model does not take."""
+        if self.reasoning and temperature != 1:
+            fail(f"the teacher {self.model} is a reasoning model, which takes only its default temperature, 1; this "
+                 f"step asks at temperature {temperature:g}, as the method does (0.2 for the summaries, 1.0 for the "
+                 f"reasons, 0 for the judge). Choose a model that takes a temperature (TEACHER_MODEL, e.g. "
+                 f"gpt-4o-mini or gpt-4.1-mini); nothing was sent.")
+
     def params(self, prompt: str, temperature: float, sample: int) -> dict:
         """One chat-completion request, the same one by one and in a batch; `sample` goes out as the seed, so that
-        the k-th draw is reproducible where the endpoint supports seeds."""
+        the k-th draw is reproducible where the endpoint supports seeds.  A reasoning model takes
+        max_completion_tokens (it rejects max_tokens)."""
+        limit = "max_completion_tokens" if self.reasoning else "max_tokens"
         return {"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": temperature,
-                "n": 1, "max_tokens": self.max_tokens, "seed": sample}
+                "n": 1, limit: self.max_tokens, "seed": sample}
+
+    @staticmethod
+    def estimated_tokens(prompt: str) -> float:
+        return len(prompt) / CHARS_PER_TOKEN
 
     # ------------------------------------------------------------------------------------------ one by one
     def _ask_one_by_one(self, todo: dict, temperature: float, desc: str) -> dict:
@@ -254,31 +295,35 @@ class Teacher:
         return text
 
     def _request(self, prompt: str, temperature: float, sample: int, label: str) -> tuple[str, dict]:
-        """One chat completion.  429s, 5xx and timeouts are retried with backoff by the openai client itself; an
-        empty or unreadable answer is asked for again here, twice at most."""
+        """One chat completion.  408s, 429s, 5xx and timeouts are retried with backoff by the openai client itself
+        (another 4xx is not: it would fail again); an unreadable answer, and an empty or refused one (billed all
+        the same), is asked for again here, twice at most."""
         import openai
 
         cause = None
         for _ in range(3):
             try:
                 response = self.client.chat.completions.create(**self.params(prompt, temperature, sample))
-                text = response.choices[0].message.content if response.choices else None
             except (openai.APIStatusError, openai.APIConnectionError) as e:  # retries already spent by the client
                 raise TeacherError(self.safe(f"teacher request for row {label} failed: {type(e).__name__}: {e}")) from e
             except Exception as e:  # malformed JSON and the like
                 cause = f"{type(e).__name__}: {e}"
                 continue
+            message = response.choices[0].message if response.choices else None
+            text, usage = getattr(message, "content", None), response.usage
+            meta = self.record(getattr(usage, "prompt_tokens", 0), getattr(usage, "completion_tokens", 0),
+                               empty=not text)
             if text:
-                usage = response.usage
-                return text, self.record(getattr(usage, "prompt_tokens", 0), getattr(usage, "completion_tokens", 0))
-            cause = "the answer was empty"
+                return text, meta
+            cause = empty_cause(getattr(message, "refusal", None))
         raise TeacherError(self.safe(f"teacher request for row {label} failed: {cause}"))
 
-    def record(self, prompt_tokens, completion_tokens, batch: str | None = None) -> dict:
-        """Count one answer's tokens (and whether it came at the Batch API's price); what is kept beside it."""
+    def record(self, prompt_tokens, completion_tokens, batch: str | None = None, empty: bool = False) -> dict:
+        """Count one answer's tokens (and whether it came at the Batch API's price, and was empty or refused, to be
+        asked again); what is kept beside it."""
         tokens = {"prompt_tokens": prompt_tokens or 0, "completion_tokens": completion_tokens or 0}
         with self._usage_lock:
-            self.usage.update(requests=1, **tokens)
+            self.usage.update(requests=1, empty=int(empty), **tokens)
             if batch:
                 self.usage.update(batch_requests=1, **{f"batch_{k}": v for k, v in tokens.items()})
         return {**tokens, "batch": batch} if batch else tokens
@@ -332,9 +377,10 @@ class Teacher:
         usd = None if direct is None else direct + batch
         discount = (f"; the Batch API's {1 - BATCH_DISCOUNT:.0%} discount applied to {u['batch_requests']:,} of them"
                     if u["batch_requests"] else "")
+        empty = f", {u['empty']:,} of them empty or refused, asked again" if u["empty"] else ""
         return (f"teacher {self.model}: {u['requests']:,} new requests ({u['prompt_tokens']:,} prompt + "
                 f"{u['completion_tokens']:,} completion tokens: {self.cost(usd)}"
-                f"{' at list prices' if usd is not None and self.kind != 'local' else ''}{discount}), "
+                f"{' at list prices' if usd is not None and self.kind != 'local' else ''}{discount}{empty}), "
                 f"{u['cached']:,} answers from the cache")
 
     def estimate(self, calls):
@@ -350,7 +396,7 @@ class Teacher:
             keys, cached = self._lookup(prompts, temperature, samples)
             new = {k: p for k, p in zip(keys, prompts) if k not in cached}
             tokens = Counter(requests=len(new), cached=len(set(keys)) - len(new),
-                             prompt=sum(len(p) for p in new.values()) / CHARS_PER_TOKEN,
+                             prompt=sum(map(self.estimated_tokens, new.values())),
                              completion=len(new) * mean, most=len(new) * self.max_tokens)
             total.update(tokens)
             lines.append(self._estimate_line(desc, tokens))
