@@ -102,6 +102,11 @@ class BatchBook:
         with self._lock:
             self._db.execute("UPDATE batch_parts SET file_id = ? WHERE sha = ?", (file_id, sha))
 
+    def any_part(self) -> bool:
+        """Has a batch run ever used this cache?"""
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM batch_parts LIMIT 1").fetchone() is not None
+
     def part(self, sha: str) -> list[str] | None:
         with self._lock:
             row = self._db.execute("SELECT keys FROM batch_parts WHERE sha = ?", (sha,)).fetchone()
@@ -378,8 +383,9 @@ class BatchAPI:
     def collect(self, todo: dict) -> dict:
         """One by one, after a TEACHER_BATCH=1 run: adopt its batches that a kill kept it from recording, take in the
         answers of those that have ended (returned), and refuse to ask one by one for requests that are in a batch
-        still running (they would be paid twice)."""
-        self._adopt(todo)
+        still running (they would be paid twice).  Nothing is asked of the API where no batch run used this cache."""
+        if self.book.any_part():
+            self._adopt(todo)
         open_batches = self.book.open(todo)
         running = [b for b, keys in open_batches.items() if self._poll(b, keys, todo)[0].status in RUNNING]
         if running:

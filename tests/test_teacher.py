@@ -25,6 +25,7 @@ def test_answers_in_order_with_429_and_500_on_the_way(tmp_path, env):
     answers = teacher.ask(PROMPTS, temperature=0.2)
     assert answers == [teacher_answer(p, 0.2, 0) for p in PROMPTS]
     assert server.received == len(PROMPTS) + 3  # three retried requests
+    assert sum(server.calls.values()) == server.received  # nothing but chat completions (no Batch API needed)
     assert teacher.usage["requests"] == len(PROMPTS) and teacher.usage["completion_tokens"] > 0
     server.close()
 
