@@ -5,7 +5,7 @@ Settings come from the environment, never from the source:
     OPENAI_BASE_URL       optional: any OpenAI-compatible endpoint (read by the openai client itself)
     TEACHER_MODEL         default gpt-3.5-turbo
     TEACHER_CONCURRENCY   requests in flight at once (default 16)
-    TEACHER_MAX_RETRIES   retries with backoff on 429 / 5xx / timeouts, done by the openai client (default 6)
+    TEACHER_MAX_RETRIES   retries with backoff on 408 / 429 / 5xx / timeouts, done by the openai client (default 6)
     TEACHER_TIMEOUT       seconds per request (default 120)
     TEACHER_MAX_TOKENS    default 4096, as in the official code
     TEACHER_BATCH=1       send a step's requests through the OpenAI Batch API instead (teacher_batch.py): half the
@@ -17,7 +17,8 @@ Settings come from the environment, never from the source:
     TEACHER=local with TEACHER_MODEL_PATH=<model folder> uses a local model instead (offline demos), generating
     TEACHER_BATCH_SIZE prompts at a time (default 8).
 
-Every answer goes into an on-disk cache keyed by the request as soon as it arrives; a rerun asks for nothing it has.
+Every answer goes into an on-disk cache as soon as it arrives, keyed by the request and by who answers it (the model
+and its endpoint; a local teacher's weights); a rerun asks for nothing it has.
 What each kind of stop costs:
     Ctrl-C, SIGINT, SIGTERM   one by one: nothing new is sent, the requests in flight are awaited (at most
                               TEACHER_TIMEOUT; a second Ctrl-C stops waiting) and kept, and the step exits with 130
@@ -25,8 +26,9 @@ What each kind of stop costs:
     SIGKILL, power loss       one by one: the answers of the requests in flight at that moment are lost, so the rerun
                               pays again for those: at most TEACHER_CONCURRENCY requests.
     any stop, Batch API       nothing: the batches keep running at the API.  A batch's id is kept in the cache as soon
-                              as it exists, and its `metadata` names its step and contents, so that a rerun finds even
-                              one created just before the kill (`batches.list`) and polls it instead of sending again.
+                              as it exists, and its `metadata` names its step and contents, so that a rerun (in either
+                              mode) finds even one created just before the kill (`batches.list`) and polls it instead
+                              of sending again.
 The seeds, temperatures and cache keys are the same in both modes, so a step can switch modes and keep its answers.
 Each step reports its tokens and their cost; `--dry_run` prints the requests, tokens and cost before anything is sent.
 """

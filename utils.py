@@ -21,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
+from pandas.compat import pickle_compat
 
 import parallel
 
@@ -300,14 +301,13 @@ class _Unpickler(_Restricted, pickle.Unpickler):
     pass
 
 
+class _CompatUnpickler(_Restricted, pickle_compat.Unpickler):  # pandas' own, for pickles of an older pandas
+    pass
+
+
 def load_pickle(path: Path):
     """pandas.read_pickle's two ways (the standard unpickler; for pickles of an older pandas, pandas' compatibility
     unpickler), both restricted to PICKLE_GLOBALS; UnsafePickle names what else a pickle asked for."""
-    from pandas.compat.pickle_compat import Unpickler as CompatUnpickler
-
-    class _CompatUnpickler(_Restricted, CompatUnpickler):
-        pass
-
     with open(path, "rb") as f:
         try:
             return _Unpickler(f).load()
