@@ -4,13 +4,15 @@
 Training (qlora_finetune.py, every *_train.sh) is then data-parallel through the trainer.  A generating or scoring
 step splits its work into the whole batches a single process would form, takes every N-th of them, and gathers the
 answers from all processes, so its outputs are those of a single run, byte for byte; only the main process writes
-files and calls the paid teacher.  Several machines: give `accelerate launch` its usual config (accelerate config,
+files and calls the paid teacher (the others wait for its answers in the teacher's cache file, outside the process
+group: see teacher.Teacher._await).  Several machines: give `accelerate launch` its usual config (accelerate config,
 then ACCELERATE_CONFIG_FILE=...); the steps need no change.
 """
 from __future__ import annotations
 
 import os
 import sys
+from datetime import timedelta
 
 
 def rank() -> int:
@@ -38,11 +40,15 @@ def relaunch():
 
 
 def _state():
-    """The process group, joined once: NCCL across GPUs, gloo on a machine without (where accelerate must be told)."""
+    """The process group, joined once: NCCL across GPUs, gloo on a machine without (where accelerate must be told).
+    PROCESS_GROUP_TIMEOUT (seconds) is how long a collective waits for the slowest process (default: torch's, 30
+    minutes for gloo, 10 for NCCL)."""
     import torch
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    timeout = os.environ.get("PROCESS_GROUP_TIMEOUT")
+    kwargs = {"timeout": timedelta(seconds=float(timeout))} if timeout else {}
+    return PartialState(cpu=not torch.cuda.is_available(), **kwargs)
 
 
 def gather(items: list) -> list:

@@ -5,17 +5,20 @@ Settings come from the environment, never from the source:
     OPENAI_BASE_URL       optional: any OpenAI-compatible endpoint (read by the openai client itself)
     TEACHER_MODEL         default gpt-3.5-turbo
     TEACHER_CONCURRENCY   requests in flight at once (default 16)
-    TEACHER_MAX_RETRIES   retries with backoff on 429 / 5xx / timeouts, done by the openai client (default 6)
+    TEACHER_MAX_RETRIES   retries with backoff on 408 / 429 / 5xx / timeouts, done by the openai client (default 6)
     TEACHER_TIMEOUT       seconds per request (default 120)
     TEACHER_MAX_TOKENS    default 4096, as in the official code
-    TEACHER_BATCH=1       send a step's requests through the OpenAI Batch API instead: half the price, answers
-                          within 24 hours; TEACHER_BATCH_POLL: the longest wait between two looks at them (default 60 s)
+    TEACHER_BATCH=1       send a step's requests through the OpenAI Batch API instead (teacher_batch.py): half the
+                          price, answers within 24 hours; TEACHER_BATCH_POLL: the longest wait between two looks at
+                          them (default 60 s); TEACHER_BATCH_TOKENS: the estimated prompt tokens of one batch at most
+                          (default 1,000,000), to fit the organization's enqueued-token limit
     TEACHER_PRICES        USD per 1M prompt and completion tokens, a JSON file or inline JSON, e.g.
                           '{"gpt-4o-mini": [0.15, 0.6]}': overrides or extends PRICES below
     TEACHER=local with TEACHER_MODEL_PATH=<model folder> uses a local model instead (offline demos), generating
     TEACHER_BATCH_SIZE prompts at a time (default 8).
 
-Every answer goes into an on-disk cache keyed by the request as soon as it arrives; a rerun asks for nothing it has.
+Every answer goes into an on-disk cache as soon as it arrives, keyed by the request and by who answers it (the model
+and its endpoint; a local teacher's weights); a rerun asks for nothing it has.
 What each kind of stop costs:
     Ctrl-C, SIGINT, SIGTERM   one by one: nothing new is sent, the requests in flight are awaited (at most
                               TEACHER_TIMEOUT; a second Ctrl-C stops waiting) and kept, and the step exits with 130
@@ -23,22 +26,21 @@ What each kind of stop costs:
     SIGKILL, power loss       one by one: the answers of the requests in flight at that moment are lost, so the rerun
                               pays again for those: at most TEACHER_CONCURRENCY requests.
     any stop, Batch API       nothing: the batches keep running at the API.  A batch's id is kept in the cache as soon
-                              as it exists, and its `metadata` names its step and contents, so that a rerun finds even
-                              one created just before the kill (`batches.list`) and polls it instead of sending again.
+                              as it exists, and its `metadata` names its step and contents, so that a rerun (in either
+                              mode) finds even one created just before the kill (`batches.list`) and polls it instead
+                              of sending again.
 The seeds, temperatures and cache keys are the same in both modes, so a step can switch modes and keep its answers.
 Each step reports its tokens and their cost; `--dry_run` prints the requests, tokens and cost before anything is sent.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import signal
+import re
 import sys
 import threading
 import time
 from collections import Counter, deque
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Queue
@@ -47,14 +49,16 @@ from tqdm.auto import tqdm
 
 import parallel
 from cache import ResultCache
-from utils import fail
+from teacher_batch import BATCH_TOKENS, BatchAPI, empty_cause
+from utils import Stop, exit_stopped, fail, stop_signals
 
+OPENAI_ENDPOINT = "https://api.openai.com/v1"  # the openai client's default base URL
 HELP = ("set OPENAI_API_KEY (and optionally OPENAI_BASE_URL, TEACHER_MODEL; default gpt-3.5-turbo), "
         "or TEACHER=local with TEACHER_MODEL_PATH=<model folder> for an offline teacher")
 
-# USD per 1M prompt (input) and completion (output) tokens: OpenAI's list prices for its standard API, taken on
-# 2026-11-28 from stored copies of its pricing page and of 2026 price lists that quote it (all agreeing); prices change,
-# so TEACHER_PRICES overrides or extends them.  A dated snapshot (gpt-4o-mini-2024-07-18) takes its model's price.
+# USD per 1M prompt (input) and completion (output) tokens: OpenAI's list prices for its standard API, from OpenAI's
+# pricing page, 2026-11-28.  Prices change: TEACHER_PRICES overrides or extends them.  A dated snapshot
+# (gpt-4o-mini-2024-07-18) takes its model's price.
 PRICES = {
     "gpt-3.5-turbo": (0.50, 1.50),
     "gpt-4o": (2.50, 10.00),
@@ -67,16 +71,11 @@ PRICES = {
     "gpt-5-nano": (0.05, 0.40),
 }
 BATCH_DISCOUNT = 0.5  # the Batch API bills half the list price
-CHARS_PER_TOKEN = 4  # --dry_run counts a prompt's tokens approximately, as its characters / 4
+CHARS_PER_TOKEN = 4  # a prompt's tokens are estimated (--dry_run, the Batch API's parts) as its characters / 4
+# Models that reason before they answer (OpenAI's o-series and gpt-5, but not gpt-5-chat): they take
+# max_completion_tokens instead of max_tokens, and only their default temperature, 1.
+REASONING = re.compile(r"(o\d|gpt-5)([-.].*)?")
 GUESSED_ANSWER_TOKENS = 200  # --dry_run's guess of an answer's length, where the cache holds no answer to average
-
-# The Batch API's limits per batch (a step's requests are split to fit them), and how many times a request that comes
-# back in a batch's error file is sent in all before it is reported.
-BATCH_MAX_REQUESTS = 50_000
-BATCH_MAX_BYTES = 200_000_000
-BATCH_MAX_ATTEMPTS = 3
-BATCH_TAG = "reason4rec-teacher"  # metadata["source"] of the batches this module creates
-RUNNING = ("validating", "in_progress", "finalizing", "cancelling")
 
 
 @dataclass
@@ -88,34 +87,6 @@ class TeacherArguments:
 
 class TeacherError(RuntimeError):
     pass
-
-
-class Stop(Exception):
-    """SIGINT or SIGTERM, raised in the main thread while the teacher works (see `stop_signals`)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextmanager
-def stop_signals():
-    """While in this block, SIGINT and SIGTERM (each one, a second one too) raise `Stop` in the main thread."""
-    def handler(signum, frame):
-        raise Stop(signum)
-
-    main = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def exit_stopped(stop: Stop, message: str):
-    print(f"\nstopped by {stop}: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(128 + stop.signum)  # the shell's convention: 130 after SIGINT, 143 after SIGTERM
 
 
 def setting(name: str, default, kind=int):
@@ -138,23 +109,18 @@ def load_prices() -> dict:
     return prices
 
 
-def batch_metadata(desc: str, keys: list[str], part: int, parts: int) -> dict:
-    """What a batch carries (strings of at most 512 characters): its step, and a hash of the requests it holds, by
-    which a rerun recognises it."""
-    return {"source": BATCH_TAG, "step": desc[:512], "part": f"{part}/{parts}", "requests": str(len(keys)),
-            "keys_sha256": hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()}
-
-
 class Teacher:
-    def __init__(self, cache_path: str | Path, dry_run: bool = False):
-        """Checks the settings at once, so that a missing key (or an endpoint without the Batch API, under
-        TEACHER_BATCH=1) fails before any work starts.  A dry run needs no key and sends nothing."""
+    def __init__(self, cache_path: str | Path, dry_run: bool = False, temperatures=()):
+        """Checks the settings at once, so that a missing key, a temperature the model does not take (the step names
+        the `temperatures` it asks at) or an endpoint without the Batch API (under TEACHER_BATCH=1) fails before any
+        work starts.  A dry run needs no key and sends nothing."""
         self.kind = os.environ.get("TEACHER", "openai")
         self.max_tokens = setting("TEACHER_MAX_TOKENS", 4096)
         self.concurrency = setting("TEACHER_CONCURRENCY", 16)
         self.timeout = setting("TEACHER_TIMEOUT", 120, float)
         self.max_retries = setting("TEACHER_MAX_RETRIES", 6)
         self.poll = setting("TEACHER_BATCH_POLL", 60, float)
+        self.batch_tokens = setting("TEACHER_BATCH_TOKENS", BATCH_TOKENS, float)
         self.batch = os.environ.get("TEACHER_BATCH", "0") or "0"
         if self.batch not in ("0", "1"):
             fail(f"TEACHER_BATCH must be 1 (through the Batch API) or 0 (one by one), not {self.batch!r}")
@@ -171,8 +137,13 @@ class Teacher:
                      "(TEACHER=local) does not have: unset TEACHER_BATCH, or use an OpenAI endpoint")
             self.model = f"local:{Path(self.path).resolve()}"
             self._local = None
+            import llm
+
+            self.source = f"local weights {llm.fingerprint(self.path)}"
         elif self.kind == "openai":
             self.model = os.environ.get("TEACHER_MODEL", "gpt-3.5-turbo")
+            endpoint = (os.environ.get("OPENAI_BASE_URL") or OPENAI_ENDPOINT).rstrip("/")
+            self.source = self.model if endpoint == OPENAI_ENDPOINT else f"{self.model} at {endpoint}"
             if not dry_run:
                 self._secret = os.environ.get("OPENAI_API_KEY") or fail(f"no teacher configured: {HELP}")
                 from openai import OpenAI
@@ -180,13 +151,19 @@ class Teacher:
                 self.client = OpenAI(max_retries=self.max_retries, timeout=self.timeout)
         else:
             fail(f"TEACHER must be openai or local, not {self.kind!r}")
+        self.reasoning = self.kind == "openai" and bool(REASONING.fullmatch(self.model)) and "-chat" not in self.model
+        for temperature in temperatures:
+            self.check(temperature)
         self.cache = ResultCache(cache_path)
-        if self.batch and not dry_run and parallel.is_main_process():
-            self._check_batch_api()
+        if self.kind == "openai" and not dry_run:
+            self.batches = BatchAPI(self)
+            if self.batch and parallel.is_main_process():
+                self.batches.check()
 
     def key(self, prompt: str, temperature: float, sample: int) -> str:
-        """What determines an answer; `sample` tells the k-th independent draw for the same prompt apart."""
-        return ResultCache.key("teacher", self.model, prompt, temperature, self.max_tokens, sample)
+        """What determines an answer: the model (and the endpoint that serves it; a local teacher's weights), the
+        request, and `sample`, which tells the k-th independent draw for the same prompt apart."""
+        return ResultCache.key("teacher", self.source, prompt, temperature, self.max_tokens, sample)
 
     def ask(self, prompts: list[str], *, temperature: float, samples=None, labels=None,
             desc: str = "teacher") -> list[str]:
@@ -194,6 +171,7 @@ class Teacher:
         of one prompt; `labels[i]` names the row in errors.  Under --dry_run: print what this would send, and stop."""
         samples = samples if samples is not None else [0] * len(prompts)
         labels = labels if labels is not None else [f"#{i}" for i in range(len(prompts))]
+        self.check(temperature)
         if self.dry_run:
             self.estimate([(desc, prompts, temperature, samples)])
         keys, found = self._lookup(prompts, temperature, samples)
@@ -201,27 +179,50 @@ class Teacher:
         self.usage["cached"] += len(set(keys)) - len(todo)
         if todo and self.kind == "local":  # a local model: every process of a data-parallel run takes its share
             found.update(self._ask_local(todo, temperature, desc))
-        elif todo:  # a paid endpoint: the main process alone asks, and shares the answers
-            ask = self._ask_batch if self.batch else self._ask_one_by_one
-            found.update(parallel.broadcast(ask(todo, temperature, desc) if parallel.is_main_process() else None))
+        elif todo and parallel.is_main_process():  # a paid endpoint: the main process alone asks
+            found.update((self.batches.ask if self.batch else self._ask_one_by_one)(todo, temperature, desc))
+        elif todo:
+            found.update(self._await(todo))
         return [found[k] for k in keys]
+
+    def _await(self, todo: dict) -> dict:
+        """Another process of a data-parallel run: wait for the main process to put the answers of `todo` into the
+        cache file they share.  The wait may last hours (a batch takes up to 24): it stays outside the process group,
+        whose collectives time out (30 minutes by default).  Should the main process fail, the launcher ends this one."""
+        while len(answers := self.cache.get_many(todo)) < len(todo):
+            time.sleep(1.0)
+        return answers
 
     def _lookup(self, prompts: list[str], temperature: float, samples) -> tuple[list[str], dict]:
         """The cache keys of these requests, and the answers the cache already holds."""
         keys = [self.key(p, temperature, s) for p, s in zip(prompts, samples)]
         return keys, self.cache.get_many(keys)
 
-    def _params(self, prompt: str, temperature: float, sample: int) -> dict:
+    def check(self, temperature: float):
+        """Refuse, before anything is sent, a temperature that the model does not take."""
+        if self.reasoning and temperature != 1:
+            fail(f"the teacher {self.model} is a reasoning model, which takes only its default temperature, 1; this "
+                 f"step asks at temperature {temperature:g}, as the method does (0.2 for the summaries, 1.0 for the "
+                 f"reasons, 0 for the judge). Choose a model that takes a temperature (TEACHER_MODEL, e.g. "
+                 f"gpt-4o-mini or gpt-4.1-mini); nothing was sent.")
+
+    def params(self, prompt: str, temperature: float, sample: int) -> dict:
         """One chat-completion request, the same one by one and in a batch; `sample` goes out as the seed, so that
-        the k-th draw is reproducible where the endpoint supports seeds."""
+        the k-th draw is reproducible where the endpoint supports seeds.  A reasoning model takes
+        max_completion_tokens (it rejects max_tokens)."""
+        limit = "max_completion_tokens" if self.reasoning else "max_tokens"
         return {"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": temperature,
-                "n": 1, "max_tokens": self.max_tokens, "seed": sample}
+                "n": 1, limit: self.max_tokens, "seed": sample}
+
+    @staticmethod
+    def estimated_tokens(prompt: str) -> float:
+        return len(prompt) / CHARS_PER_TOKEN
 
     # ------------------------------------------------------------------------------------------ one by one
     def _ask_one_by_one(self, todo: dict, temperature: float, desc: str) -> dict:
         """TEACHER_CONCURRENCY threads ask at once; each answer is cached the moment it arrives.  A failure, Ctrl-C
         or SIGTERM stops the sending; the requests in flight are awaited and kept: a rerun pays for nothing twice."""
-        collected = self._collect_batches(todo)  # answers of an earlier TEACHER_BATCH=1 run
+        collected = self.batches.collect(todo)  # answers of an earlier TEACHER_BATCH=1 run
         todo = {k: v for k, v in todo.items() if k not in collected}
         jobs, results, stopping = deque(todo.items()), Queue(), threading.Event()
         busy, lock = set(), threading.Lock()  # the keys of the requests in flight
@@ -296,208 +297,41 @@ class Teacher:
         return text
 
     def _request(self, prompt: str, temperature: float, sample: int, label: str) -> tuple[str, dict]:
-        """One chat completion.  429s, 5xx and timeouts are retried with backoff by the openai client itself; an
-        empty or unreadable answer is asked for again here, twice at most."""
+        """One chat completion.  408s, 429s, 5xx and timeouts are retried with backoff by the openai client itself
+        (another 4xx is not: it would fail again); an unreadable answer, and an empty or refused one (billed all
+        the same), is asked for again here, twice at most."""
         import openai
 
         cause = None
         for _ in range(3):
             try:
-                response = self.client.chat.completions.create(**self._params(prompt, temperature, sample))
-                text = response.choices[0].message.content if response.choices else None
+                response = self.client.chat.completions.create(**self.params(prompt, temperature, sample))
             except (openai.APIStatusError, openai.APIConnectionError) as e:  # retries already spent by the client
-                raise TeacherError(self._safe(f"teacher request for row {label} failed: {type(e).__name__}: {e}")) from e
+                raise TeacherError(self.safe(f"teacher request for row {label} failed: {type(e).__name__}: {e}")) from e
             except Exception as e:  # malformed JSON and the like
                 cause = f"{type(e).__name__}: {e}"
                 continue
+            message = response.choices[0].message if response.choices else None
+            text, usage = getattr(message, "content", None), response.usage
+            meta = self.record(getattr(usage, "prompt_tokens", 0), getattr(usage, "completion_tokens", 0),
+                               empty=not text)
             if text:
-                usage = response.usage
-                return text, self._record(getattr(usage, "prompt_tokens", 0), getattr(usage, "completion_tokens", 0))
-            cause = "the answer was empty"
-        raise TeacherError(self._safe(f"teacher request for row {label} failed: {cause}"))
+                return text, meta
+            cause = empty_cause(getattr(message, "refusal", None))
+        raise TeacherError(self.safe(f"teacher request for row {label} failed: {cause}"))
 
-    def _record(self, prompt_tokens, completion_tokens, batch: str | None = None) -> dict:
-        """Count one answer's tokens (and whether it came at the Batch API's price); what is kept beside it."""
+    def record(self, prompt_tokens, completion_tokens, batch: str | None = None, empty: bool = False) -> dict:
+        """Count one answer's tokens (and whether it came at the Batch API's price, and was empty or refused, to be
+        asked again); what is kept beside it."""
         tokens = {"prompt_tokens": prompt_tokens or 0, "completion_tokens": completion_tokens or 0}
         with self._usage_lock:
-            self.usage.update(requests=1, **tokens)
+            self.usage.update(requests=1, empty=int(empty), **tokens)
             if batch:
                 self.usage.update(batch_requests=1, **{f"batch_{k}": v for k, v in tokens.items()})
         return {**tokens, "batch": batch} if batch else tokens
 
-    def _safe(self, message: str) -> str:
+    def safe(self, message: str) -> str:
         return message.replace(self._secret, "***") if getattr(self, "_secret", None) else message
-
-    # ------------------------------------------------------------------------------------------ the Batch API
-    def _check_batch_api(self):
-        """Refuse at once an endpoint without the Batch API (listing batches costs nothing)."""
-        import openai
-
-        try:
-            self.client.batches.list(limit=1)
-        except openai.APIStatusError as e:
-            fail(self._safe(f"TEACHER_BATCH=1, but {self.client.base_url} has no Batch API (GET batches answered "
-                            f"{e.status_code}: {e.message}); unset TEACHER_BATCH to send the requests one by one"))
-        except openai.APIConnectionError as e:
-            fail(self._safe(f"TEACHER_BATCH=1, but {self.client.base_url} cannot be reached: {e}"))
-
-    def _ask_batch(self, todo: dict, temperature: float, desc: str) -> dict:
-        """Send `todo` through the Batch API and wait for the answers: adopt or create the batches, poll them, take
-        in their output files, send again (in a new batch) what came back in an error file, at most
-        BATCH_MAX_ATTEMPTS times in all, or what an expired or cancelled batch left unanswered; then report by row
-        what still failed.  Ctrl-C or SIGTERM just exits: the batches keep running, and a rerun collects them."""
-        import openai
-
-        lines = {k: (json.dumps({"custom_id": k, "method": "POST", "url": "/v1/chat/completions",
-                                 "body": self._params(p, temperature, s)}, ensure_ascii=False) + "\n").encode()
-                 for k, (p, s, _) in todo.items()}
-        wait, retry_at, refusals, failures = min(1.0, self.poll), 0.0, 0, 0
-        with tqdm(total=len(todo), desc=f"{desc} (Batch API)", unit="req") as bar, stop_signals():
-            try:
-                while True:
-                    answered, live = self.cache.get_many(todo), self.cache.open_batches(todo)
-                    bar.update(len(answered) - bar.n)
-                    given_up = {k: cause for k, (n, cause) in self.cache.batch_errors(todo).items()
-                                if n >= BATCH_MAX_ATTEMPTS}
-                    held = {k for keys in live.values() for k in keys} | set(given_up) | set(answered)
-                    need = sorted(k for k in todo if k not in held)  # neither answered nor in a batch: to send
-                    if need and time.monotonic() >= retry_at:
-                        failures = 0 if self._submit(need, lines, desc) else failures + 1
-                        if failures > self.max_retries:
-                            fail(f"creating a batch failed {failures} times in a row; rerun the same command later "
-                                 f"(a batch created all the same is found and adopted, not paid twice)")
-                        retry_at = time.monotonic() + wait * failures
-                        live = self.cache.open_batches(todo)
-                    if not live and not need:
-                        break
-                    time.sleep(wait)
-                    wait = min(2 * wait, self.poll)
-                    statuses = Counter()
-                    for batch_id, keys in live.items():
-                        batch = self._poll(batch_id, keys)
-                        statuses[batch.status] += 1
-                        if batch.status == "failed":  # the enqueued-token limit: send again later
-                            refusals += 1
-                            delay = min(self.poll * 2 ** (refusals - 1), 600)
-                            retry_at = time.monotonic() + delay
-                            tqdm.write(f"batch {batch_id} was refused: {batch.errors.data[0].message} Sending its "
-                                       f"requests again in {delay:g} s.")
-                    bar.set_postfix_str(", ".join(f"{n} {s}" for s, n in statuses.items()))
-            except (Stop, openai.APIError) as e:
-                ids = ", ".join(sorted(self.cache.open_batches(todo))) or "none yet"
-                running = (f"the batches of this step ({ids}) keep running at the Batch API, and their ids are kept "
-                           f"in {self.cache.path}. Rerun the same command to collect their answers: nothing is paid "
-                           f"twice.")
-                if isinstance(e, Stop):
-                    exit_stopped(e, running)
-                fail(self._safe(f"the Batch API failed ({type(e).__name__}: {e}); {running}"))
-        self._report_failures(todo, given_up, len(answered))  # read after the last poll: nothing has changed since
-        return answered
-
-    def _submit(self, need: list[str], lines: dict, desc: str) -> bool:
-        """Put the requests `need` into batches, split to fit the API's limits: for each part, adopt a batch of it
-        found at the API (one that a killed run created but could not record), or upload the part and create its
-        batch; record each batch the moment it exists.  False if creating a batch failed for a passing cause (then
-        try again later: the listing adopts a batch that was created all the same, so none is paid twice)."""
-        import openai
-
-        parts, part, size = [], [], 0
-        for key in need:
-            if part and (len(part) >= BATCH_MAX_REQUESTS or size + len(lines[key]) > BATCH_MAX_BYTES):
-                parts.append(part)
-                part, size = [], 0
-            part.append(key)
-            size += len(lines[key])
-        parts.append(part)
-        found = None
-        for number, part in enumerate(parts, 1):
-            metadata = batch_metadata(desc, part, number, len(parts))
-            try:
-                found = self._listed() if found is None else found
-                batch, action = found.get(metadata["keys_sha256"]), "adopted"
-                if batch is None:
-                    file = self.client.files.create(file=(f"{metadata['keys_sha256'][:16]}.jsonl",
-                                                          b"".join(lines[k] for k in part)), purpose="batch")
-                    batch, action = self.client.with_options(max_retries=0).batches.create(  # not retried blindly
-                        input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h",
-                        metadata=metadata), "created"
-            except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError) as e:
-                tqdm.write(self._safe(f"creating a batch failed ({type(e).__name__}: {e}); trying again soon"))
-                return False
-            except openai.APIStatusError as e:
-                fail(self._safe(f"the Batch API refused a batch of {len(part):,} requests ({desc}): "
-                                f"{e.status_code}: {e.message}"))
-            self.cache.record_batch(batch.id, part)
-            tqdm.write(f"{action} batch {batch.id}: {len(part):,} requests ({desc}, part {number} of {len(parts)})")
-        return True
-
-    def _listed(self) -> dict:
-        """{keys_sha256: batch} of the batches at the API that this module created and no cache here knows of (not
-        failed; newest first; of the last 30 days, as long as their output files are kept)."""
-        known, since, found = self.cache.known_batches(), time.time() - 30 * 86400, {}
-        for batch in self.client.batches.list(limit=100):  # the client fetches page after page
-            if batch.created_at < since:
-                break
-            metadata = batch.metadata or {}
-            if metadata.get("source") == BATCH_TAG and batch.id not in known and batch.status != "failed":
-                found.setdefault(metadata.get("keys_sha256"), batch)
-        return found
-
-    def _poll(self, batch_id: str, keys: list[str]):
-        """Look at a batch (holding `keys`); once it has ended, take in its answers and count its failed requests (in
-        one transaction) so that what is missing goes out again.  A batch that failed for another cause than the
-        enqueued-token limit stops the step."""
-        batch = self.client.batches.retrieve(batch_id)
-        if batch.status in RUNNING:
-            return batch
-        if batch.status == "failed":
-            errors = batch.errors.data if batch.errors and batch.errors.data else []
-            self.cache.take_in_batch(batch_id, {}, {})  # nothing of it ran: its requests are free to go again
-            if not any(e.code == "token_limit_exceeded" for e in errors):
-                causes = "; ".join(f"{e.code}: {e.message}" + (f" (line {e.line})" if e.line else "") for e in errors)
-                fail(f"batch {batch_id} failed: {causes or 'no cause given'}. None of its requests ran (nothing was "
-                     f"paid); rerun the same command once the cause is fixed.")
-            return batch
-        answers, errors = {}, {}  # completed, expired or cancelled
-        for file_id in (batch.output_file_id, batch.error_file_id):
-            for line in self.client.files.content(file_id).text.splitlines() if file_id else []:
-                line = json.loads(line)
-                response, error = line.get("response") or {}, line.get("error") or {}
-                body = response.get("body") or {}
-                choices = body.get("choices") or [{}]
-                text = (choices[0].get("message") or {}).get("content")
-                if response.get("status_code") == 200 and text:
-                    usage = body.get("usage") or {}
-                    answers[line["custom_id"]] = (text, self._record(usage.get("prompt_tokens"),
-                                                                     usage.get("completion_tokens"), batch_id))
-                elif error.get("code") not in ("batch_expired", "batch_cancelled"):  # those are simply sent again
-                    cause = (body.get("error") or {}).get("message") or error.get("message") or "the answer was empty"
-                    errors[line["custom_id"]] = f"HTTP {response.get('status_code')}: {cause}" if response else cause
-        if batch.status == "completed":  # a request that a completed batch left out of both files failed too
-            errors.update({k: "missing from the batch's output" for k in keys if k not in answers and k not in errors})
-        self.cache.take_in_batch(batch_id, answers, errors)
-        return batch
-
-    def _collect_batches(self, todo: dict) -> dict:
-        """One by one, after a TEACHER_BATCH=1 run: take in the answers of its batches that have ended (returned),
-        and refuse to ask one by one for requests that are in a batch still running (they would be paid twice)."""
-        open_batches = self.cache.open_batches(todo)
-        running = [b for b, keys in open_batches.items() if self._poll(b, keys).status in RUNNING]
-        if running:
-            fail(f"{len(running)} batch(es) of this step are still running at the Batch API ({', '.join(running)}): "
-                 f"rerun with TEACHER_BATCH=1 to wait for them, or cancel them first; asking one by one now would "
-                 f"pay for their requests twice")
-        return self.cache.get_many(todo) if open_batches else {}
-
-    def _report_failures(self, todo: dict, failed: dict, kept: int):
-        if not failed:
-            return
-        self.cache.clear_batch_errors(failed)  # a rerun tries them afresh
-        rows = "; ".join(f"row {todo[k][2]}: {cause}" for k, cause in list(failed.items())[:5])
-        more = f" (and {len(failed) - 5:,} more)" if len(failed) > 5 else ""
-        fail(self._safe(f"{len(failed):,} teacher requests failed in the Batch API {BATCH_MAX_ATTEMPTS} times: {rows}"
-                        f"{more}. The {kept:,} answers received are kept in {self.cache.path}; rerun the same command "
-                        f"to try those again."))
 
     # ------------------------------------------------------------------------------------------ local model
     def _ask_local(self, todo: dict, temperature: float, desc: str) -> dict:
@@ -545,9 +379,10 @@ class Teacher:
         usd = None if direct is None else direct + batch
         discount = (f"; the Batch API's {1 - BATCH_DISCOUNT:.0%} discount applied to {u['batch_requests']:,} of them"
                     if u["batch_requests"] else "")
+        empty = f", {u['empty']:,} of them empty or refused, asked again" if u["empty"] else ""
         return (f"teacher {self.model}: {u['requests']:,} new requests ({u['prompt_tokens']:,} prompt + "
                 f"{u['completion_tokens']:,} completion tokens: {self.cost(usd)}"
-                f"{' at list prices' if usd is not None and self.kind != 'local' else ''}{discount}), "
+                f"{' at list prices' if usd is not None and self.kind != 'local' else ''}{discount}{empty}), "
                 f"{u['cached']:,} answers from the cache")
 
     def estimate(self, calls):
@@ -563,7 +398,7 @@ class Teacher:
             keys, cached = self._lookup(prompts, temperature, samples)
             new = {k: p for k, p in zip(keys, prompts) if k not in cached}
             tokens = Counter(requests=len(new), cached=len(set(keys)) - len(new),
-                             prompt=sum(len(p) for p in new.values()) / CHARS_PER_TOKEN,
+                             prompt=sum(map(self.estimated_tokens, new.values())),
                              completion=len(new) * mean, most=len(new) * self.max_tokens)
             total.update(tokens)
             lines.append(self._estimate_line(desc, tokens))

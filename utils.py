@@ -10,14 +10,18 @@ import hashlib
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
+from pandas.compat import pickle_compat
 
 import parallel
 
@@ -85,6 +89,34 @@ def ratings_file(split: str, reasoner: str | None = "Reasoner") -> str:
 def fail(message: str):
     """Stop the script with one clear message (and a non-zero exit), never a deep traceback."""
     raise SystemExit(f"error: {message}")
+
+
+class Stop(Exception):
+    """SIGINT or SIGTERM, raised in the main thread while the teacher works (see `stop_signals`)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def stop_signals():
+    """While in this block, SIGINT and SIGTERM (each one, a second one too) raise `Stop` in the main thread."""
+    def handler(signum, frame):
+        raise Stop(signum)
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def exit_stopped(stop: Stop, message: str):
+    print(f"\nstopped by {stop}: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(128 + stop.signum)  # the shell's convention: 130 after SIGINT, 143 after SIGTERM
 
 
 # ----------------------------------------------------------------------------------------------- arguments
@@ -230,15 +262,74 @@ def producer(path: str | Path) -> str:
     return f"`{PRODUCERS[key]}`" if key in PRODUCERS else "the step that writes it"
 
 
+# A pickle names the functions that rebuild it, and unpickling calls them: pandas.read_pickle runs whatever code a pickle
+# holds (os.system, eval, open, ...).  Data/ may hold pickles made by others (the authors' archive, a colleague's
+# folder), so every pickle is read by an unpickler that finds only what the pipeline's tables need: pandas' and numpy's
+# own reconstructors (DataFrames and Series of numbers and strings, their indexes and blocks; pyarrow's, for pandas 3's
+# strings) and builtin containers.  Anything else is refused before it runs.
+PICKLE_GLOBALS = {
+    "builtins": {"slice"},
+    "numpy": {"dtype", "ndarray"},
+    "numpy.core.multiarray": {"_reconstruct", "scalar"}, "numpy._core.multiarray": {"_reconstruct", "scalar"},
+    "numpy.core.numeric": {"_frombuffer"}, "numpy._core.numeric": {"_frombuffer"},
+    "pandas": {"DataFrame", "Series", "Index", "RangeIndex", "StringDtype"},
+    "pandas.core.frame": {"DataFrame"}, "pandas.core.series": {"Series"},
+    "pandas.core.indexes.base": {"Index", "_new_Index"}, "pandas.core.indexes.range": {"RangeIndex"},
+    "pandas.core.indexes.numeric": {"Int64Index", "UInt64Index", "Float64Index"},  # pandas 1, renamed on reading
+    "pandas.core.internals.managers": {"BlockManager", "SingleBlockManager"},
+    "pandas.core.internals.blocks": {"new_block"},  # pandas 1, renamed on reading
+    "pandas._libs.internals": {"_unpickle_block"},
+    "pandas.arrays": {"ArrowStringArray", "StringArray"},
+    "pandas.core.arrays.string_": {"StringArray", "StringDtype"},
+    "pandas.core.arrays.string_arrow": {"ArrowStringArray"},
+    "pyarrow.lib": {"_restore_array", "py_buffer", "type_for_alias"},
+}
+
+
+class UnsafePickle(Exception):
+    pass
+
+
+class _Restricted:
+    def find_class(self, module: str, name: str):
+        if name not in PICKLE_GLOBALS.get(module, ()):  # exact names: no dotted path reaches past them
+            raise UnsafePickle(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+class _Unpickler(_Restricted, pickle.Unpickler):
+    pass
+
+
+class _CompatUnpickler(_Restricted, pickle_compat.Unpickler):  # pandas' own, for pickles of an older pandas
+    pass
+
+
+def load_pickle(path: Path):
+    """pandas.read_pickle's two ways (the standard unpickler; for pickles of an older pandas, pandas' compatibility
+    unpickler), both restricted to PICKLE_GLOBALS; UnsafePickle names what else a pickle asked for."""
+    with open(path, "rb") as f:
+        try:
+            return _Unpickler(f).load()
+        except (AttributeError, ImportError, TypeError, ValueError):  # what pandas.read_pickle retries on
+            f.seek(0)
+            return _CompatUnpickler(f).load()
+
+
 def read_pickle(path: str | Path, columns=(), what="table"):
-    """Load a pickle written by an earlier step and check it, so that a bad input fails here with a clear
-    message rather than deep inside pandas.  `columns`: required columns of a DataFrame; `what="table"` wants a
-    DataFrame, `what="messages"` a list of {"messages": [...]} (SFT data), `what="any"` whatever it holds."""
+    """Load a pickle written by an earlier step (or by others: see PICKLE_GLOBALS) and check it, so that a bad input
+    fails here with a clear message rather than deep inside pandas.  `columns`: required columns of a DataFrame;
+    `what="table"` wants a DataFrame, `what="messages"` a list of {"messages": [...]} (SFT data), `what="any"`
+    whatever it holds."""
     path = Path(path)
     if not path.exists():
         fail(f"{path} not found. Run {producer(path)} first.")
     try:
-        obj = pd.read_pickle(path)
+        obj = load_pickle(path)
+    except UnsafePickle as e:
+        fail(f"{path} asks to run {e} while it is read, which no table of this pipeline needs (only pandas' and "
+             f"numpy's own objects): refused, and nothing of it ran. Do not open it with pandas.read_pickle either "
+             f"(that would run it), unless you trust whoever made it; rerun {producer(path)} to make it afresh.")
     except Exception as e:  # truncated, corrupted, or not a pickle at all
         fail(f"{path} cannot be read ({type(e).__name__}: {e}); it is truncated or corrupted: "
              f"delete it and rerun {producer(path)}.")

@@ -14,14 +14,17 @@ from prompts import PromptArguments, summary_prompt
 from teacher import Teacher, TeacherArguments
 from utils import parse_args, read_table, write_pickle
 
+TEMPERATURE = 0.2  # as the official code
+
 args, prompt, teacher_args = parse_args(PromptArguments, TeacherArguments, data_parallel=True)
-teacher = Teacher(args.file("teacher_cache.sqlite"), teacher_args.dry_run)  # checks the settings before any work
+# the teacher checks its settings (and the temperature) before any work
+teacher = Teacher(args.file("teacher_cache.sqlite"), teacher_args.dry_run, temperatures=[TEMPERATURE])
 reviews = read_table(args, "raw_data/train.pkl")
 
 prompts = [summary_prompt(prompt.product_class, r.title, r.ratings, r.reviews) for r in reviews.itertuples()]
 labels = [f"{i} of raw_data/train.pkl (user {r.user_id}, item {r.item_id})" for i, r in enumerate(reviews.itertuples())]
 # (under --dry_run, this prints what the teacher would be sent and what it would cost, and stops)
-reviews["review_summary"] = teacher.ask(prompts, temperature=0.2, labels=labels, desc="teacher summaries")
+reviews["review_summary"] = teacher.ask(prompts, temperature=TEMPERATURE, labels=labels, desc="teacher summaries")
 
 write_pickle(reviews, args.file("train_aspect_preference_summary.pkl"))
 print(teacher.report())

@@ -21,7 +21,8 @@ from utils import fail, parse_args, read_table, write_json, write_pickle
 
 args, prompt, model_args, distill, teacher_args = parse_args(HistoryPromptArguments, ModelArguments, FilterArguments,
                                                              TeacherArguments, data_parallel=True)
-teacher = Teacher(args.file("teacher_cache.sqlite"), teacher_args.dry_run)  # checks the settings before any work
+teacher = Teacher(args.file("teacher_cache.sqlite"), teacher_args.dry_run,  # checks the settings before any work
+                  temperatures=[distill.first_temperature, distill.temperature])
 targets = read_table(args, "train_12000.pkl")
 contexts = load_histories(args, prompt).for_rows(targets)
 labels = [f"{i} of train_12000.pkl (user {t.user_id}, item {t.item_id})" for i, t in enumerate(targets.itertuples())]

@@ -105,7 +105,7 @@ teacher = None
 if quality.with_teacher or quality.judge:
     from teacher import Teacher
 
-    teacher = Teacher(args.file("teacher_cache.sqlite"))
+    teacher = Teacher(args.file("teacher_cache.sqlite"), temperatures=[0.0])
     teacher_name = Path(teacher.path).name if teacher.kind == "local" else teacher.model
 if quality.with_teacher:
     histories = load_histories(args, prompt).for_rows(test, prompt.test_history_before_target)

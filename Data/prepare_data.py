@@ -4,7 +4,9 @@
 
 writes Data/<NAME>/raw_data/{train,valid,test}.pkl (DataFrames with the columns utils.COLUMNS) and
 Data/<NAME>/dataset.json (where the data came from, the split, the counts, and the settings that shape every later
-prompt: the product class and the history length).
+prompt: the product class and the history length).  An existing Data/<NAME>/ (perhaps the authors' archive) is never
+replaced unless asked (--overwrite); even then dataset.json is updated, keeping the settings that later steps recorded
+there, and a prompt-shaping setting other than the recorded one is refused.
 
 The split is chronological and global: all reviews are sorted by time and cut at two timestamps, so every test
 review is later than every validation review, which is later than every training review.  No future information
@@ -32,7 +34,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from utils import COLUMNS, fail, write_json, write_pickle
+from utils import COLUMNS, fail, read_json, write_json, write_pickle
 
 SPLITS = ("train", "valid", "test")
 OUTPUTS = [f"raw_data/{name}.pkl" for name in SPLITS] + ["dataset.json"]
@@ -81,12 +83,16 @@ parser.add_argument("--format", default="auto", choices=["auto", *FORMATS])
 parser.add_argument("--product_class", help="what the items are, for the prompts (default: from the file name)")
 parser.add_argument("--data_dir", type=Path, default=Path(os.environ.get("DATA_DIR", "Data")),
                     help="where the dataset's folder goes (default: $DATA_DIR, else Data)")
-parser.add_argument("--max_his", type=int, default=10,
-                    help="reviews shown per user / item history in every prompt (default 10, as the paper); recorded "
-                         "in dataset.json, where every later step reads it")
+parser.add_argument("--max_his", type=int,
+                    help="reviews shown per user / item history in every prompt (default 10, as the paper, or the "
+                         "value recorded in an existing dataset.json); recorded in dataset.json, where every later "
+                         "step reads it")
 parser.add_argument("--max_users", type=int, help="keep a random sample of this many users (all their reviews)")
 parser.add_argument("--seed", type=int, default=0, help="for --max_users")
 parser.add_argument("--split", type=split_fractions, default="0.8,0.1,0.1", help="train,valid,test fractions")
+parser.add_argument("--overwrite", action="store_true",
+                    help="replace the splits of an existing Data/<dataset>/ (its dataset.json is updated, not rewritten)")
+PROMPT_SETTINGS = ("product_class", "max_his")  # recorded here; every later step builds its prompts with them
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -261,10 +267,35 @@ def write_dataset(target: Path, splits: dict, info: dict):
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def refuse_to_replace(target: Path):
+    """An existing dataset folder (perhaps the only copy of someone's splits) is not prepared again unasked."""
+    held = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()) if target.is_dir() else []
+    if held:
+        shown = ", ".join(held[:4]) + (f" and {len(held) - 4:,} more files" if len(held) > 4 else "")
+        fail(f"{target} already exists and holds {shown}: preparing it again would replace its raw_data/*.pkl, "
+             f"which may be the only copy of those splits. Pass --overwrite to replace them (dataset.json is updated, "
+             f"keeping the settings recorded there), or choose another --dataset to start afresh.")
+
+
+def keep_recorded(path: Path, recorded: dict, args):
+    """A prompt-shaping setting given that differs from the one recorded in dataset.json is refused."""
+    for name in PROMPT_SETTINGS:
+        given = getattr(args, name)
+        if given is not None and recorded.get(name) is not None and given != recorded[name]:
+            fail(f"--{name} {given!r} differs from the {recorded[name]!r} recorded in {path}: the steps run there built "
+                 f"their prompts with it. Give the recorded value (or leave --{name} out), or prepare a fresh dataset "
+                 f"folder under another --dataset name.")
+
+
 def main():
     args = parser.parse_args()
     if not args.dataset or args.dataset.startswith(".") or Path(args.dataset).name != args.dataset:
         fail(f"--dataset {args.dataset!r} must be a plain folder name")
+    target = args.data_dir / args.dataset
+    if not args.overwrite:
+        refuse_to_replace(target)
+    recorded = read_json(target / "dataset.json") if (target / "dataset.json").exists() else {}
+    keep_recorded(target / "dataset.json", recorded, args)
     if args.max_users is not None and args.max_users < 1:
         fail(f"--max_users must be at least 1, not {args.max_users}")
     for flag, path in (("--input", args.input), ("--meta", args.meta)):
@@ -289,11 +320,11 @@ def main():
         print(f"warning: {empty:,} reviews have no text (kept, with an empty review)")
 
     splits, cuts = split_by_time(df[COLUMNS], args.split)
-    product_class = args.product_class or default_product_class(fmt, args.input)
+    product_class = args.product_class or recorded.get("product_class") or default_product_class(fmt, args.input)
     info = {
         "name": args.dataset,
         "product_class": product_class,
-        "max_his": args.max_his,
+        "max_his": args.max_his or recorded.get("max_his") or 10,
         "source": str(args.input),
         "source_md5": md5(args.input),
         "meta": str(args.meta) if args.meta else None,
@@ -307,8 +338,7 @@ def main():
         "empty_reviews": empty,
         "items_without_title": len(items) - len(titles),
     }
-    target = args.data_dir / args.dataset
-    write_dataset(target, splits, info)
+    write_dataset(target, splits, {**recorded, **info})  # updated: the settings later steps recorded are kept
 
     print(f"\n{target} ({fmt}, product class {product_class!r}); train < {date(cuts[0])} <= valid < "
           f"{date(cuts[1])} <= test (UTC)")

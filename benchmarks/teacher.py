@@ -11,6 +11,10 @@ Stops: a run is stopped half way, then run again, and the server counts the requ
 the stop comes while at least half of TEACHER_CONCURRENCY requests are open at the server (and after every answer
 delivered so far was cached); through the Batch API, while the step polls its batch.
 
+The enqueued-token limit: the Batch API once more, against a server that enforces, as the real service does, a limit
+on the tokens enqueued at once (a third of the step's, so lower than its one part): the run must finish, and the table
+gives the parts it ran in, the refusals, the batches created and the files uploaded.
+
     python benchmarks/teacher.py [--requests 200] [--latency 0.1]
 """
 import argparse
@@ -99,6 +103,20 @@ def stopped_run(n, latency, tmp, name, kill, concurrency, **settings):
     return server.repeated, in_flight, server.batches_created
 
 
+def limited_run(n, latency, tmp) -> dict:
+    """The Batch API against an enqueued-token limit of a third of the step's prompt tokens."""
+    server = TeacherServer(latency=latency)
+    step_tokens = n * len("Task: Summarize the reasons behind review 0".split())  # as the server counts them
+    server.token_limit = step_tokens // 3
+    result = finish(child(server, n, tmp / "limited.sqlite", TEACHER_BATCH="1"))
+    parts = [b for b in server.batches.values() if b["status"] == "completed"]
+    server.close()
+    assert sum(b["request_counts"]["total"] for b in parts) == n and server.repeated == 0
+    return {**result, "limit": server.token_limit, "step_tokens": step_tokens, "parts": len(parts),
+            "refused": server.refused, "batches": server.batches_created, "uploads": server.calls["POST /v1/files"],
+            "repeated": server.repeated}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=200)
@@ -133,6 +151,13 @@ def main():
         else:
             after = "– | –"
         print(f"| {name} | {r['billed']} | {r['calls']} | {r['seconds']:.2f} | {cost} | {after} |")
+
+    r = limited_run(n, args.latency, tmp)
+    print(f"\n| Batch API, enqueued-token limit {r['limit']:,} tokens (the step: {r['step_tokens']:,}, one part) | parts "
+          f"run | refusals | batches created | files uploaded | requests billed twice | wall time (s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| finished | {r['parts']} | {r['refused']} | {r['batches']} | {r['uploads']} | {r['repeated']} | "
+          f"{r['seconds']:.2f} |")
 
 
 if __name__ == "__main__":

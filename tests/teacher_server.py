@@ -27,6 +27,16 @@ fails at validation with errors.data[0].code "token_limit_exceeded"; "lose_line"
 neither file; None: normal); `line_faults[prompt] = n` puts
 that prompt's next n batch lines into the error file (HTTP 500); `hold_batches()` keeps every batch in progress
 until `release_batches()`; `batch_api=False` answers 404 to files and batches (an endpoint without the Batch API).
+
+As the real service: `token_limit` (None: none) is the organization's enqueued-token limit per model: a batch whose
+prompt tokens, with those of the model's batches in progress or finalizing, exceed it fails at validation with
+"token_limit_exceeded" (and `refused` counts those refusals).  Reasoning models (o1, o3, o4, gpt-5, ...; not the
+gpt-5-chat ones) answer 400 "unsupported_parameter" to `max_tokens` and 400 "unsupported_value" to a temperature other
+than 1, one by one and in a batch line.  `line_errors[prompt]` lists what the next batch lines of that prompt get, in
+turn: an HTTP status (400, 408, 429, 500, 503: the line goes to the error file with the service's error body),
+"empty" (status 200, an empty answer) or "refusal" (status 200, no content but the model's refusal); for one by one,
+`faults` also takes "refusal".  Output and error files are written in UTF-8, with characters such as U+2028 as they
+are (JSON does not escape them), and input files are read line by line on "\n" only.
 """
 import email.parser
 import email.policy
@@ -44,8 +54,31 @@ from urllib.parse import parse_qs, urlparse
 
 WORDS = ("warm tone durable build bright sound sturdy stand easy setup good value clear output solid feel "
          "cheap price weak clamp noisy hum heavy weight fragile cable").split()
-TOKEN_LIMIT = ("Enqueued token limit reached for {model} in organization org-test. Limit: 90,000 enqueued tokens. "
+TOKEN_LIMIT = ("Enqueued token limit reached for {model} in organization org-test. Limit: {limit:,} enqueued tokens. "
                "Please try again once some in_progress batches have been completed.")
+REASONING = re.compile(r"(o\d|gpt-5)([-.].*)?")  # models that reason before answering (gpt-5-chat-* excepted)
+STATUS_ERRORS = {  # HTTP status -> the error body's type and code, as the service sends them
+    400: ("invalid_request_error", None), 408: ("timeout", None), 429: ("rate_limit_exceeded", "rate_limit_exceeded"),
+    500: ("server_error", None), 503: ("server_error", None)}
+
+
+def error_body(status: int, message: str, param=None, code=None) -> dict:
+    kind, default_code = STATUS_ERRORS.get(status, ("invalid_request_error", None))
+    return {"error": {"message": message, "type": kind, "param": param, "code": code or default_code}}
+
+
+def rejected(body: dict) -> dict | None:
+    """The 400 body with which a reasoning model rejects a parameter it does not take, or None."""
+    model = body.get("model", "")
+    if not REASONING.fullmatch(model) or "-chat" in model:
+        return None
+    if "max_tokens" in body:
+        return error_body(400, "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+                               "'max_completion_tokens' instead.", "max_tokens", "unsupported_parameter")
+    if body.get("temperature", 1) != 1:
+        return error_body(400, f"Unsupported value: 'temperature' does not support {body['temperature']} with this "
+                               f"model. Only the default (1) value is supported.", "temperature", "unsupported_value")
+    return None
 
 
 def teacher_answer(prompt: str, temperature: float = 0.0, seed=None) -> str:
@@ -77,6 +110,8 @@ class TeacherServer:
         self._released = threading.Event()
         self.files, self.batches = {}, {}
         self.batch_faults, self.line_faults = [], Counter()
+        self.line_errors = {}  # prompt -> what its next batch lines get, in turn
+        self.token_limit, self.refused = None, 0
         self.batches_held = False
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
@@ -148,7 +183,10 @@ class TeacherServer:
                     return
                 if fault == "malformed":
                     return self._send(200, b'{"id": "x", "choices": [{"message": ')
-                completion = server._complete(body, empty=fault == "empty", no_choices=fault == "no_choices")
+                if (error := rejected(body)) is not None:
+                    return self._send(400, error)
+                completion = server._complete(body, empty=fault == "empty", no_choices=fault == "no_choices",
+                                              refusal=fault == "refusal")
                 times[1] = time.monotonic()
                 self._send(200, completion)
 
@@ -178,12 +216,13 @@ class TeacherServer:
         """Chat-completion requests received."""
         return len(self.times)
 
-    def _complete(self, body: dict, empty=False, no_choices=False) -> dict:
+    def _complete(self, body: dict, empty=False, no_choices=False, refusal=False) -> dict:
         """The chat completion for a request body; a non-empty answer is counted as billed."""
         prompt = body["messages"][-1]["content"]
-        text = "" if empty else self.respond(prompt, body.get("temperature", 1.0), body.get("seed"))
-        choices = [] if no_choices else [
-            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}]
+        text = "" if empty or refusal else self.respond(prompt, body.get("temperature", 1.0), body.get("seed"))
+        message = {"role": "assistant", "content": None, "refusal": "I'm sorry, I can't help with that."} if refusal \
+            else {"role": "assistant", "content": text, "refusal": None}
+        choices = [] if no_choices else [{"index": 0, "finish_reason": "stop", "message": message}]
         if text and choices:
             with self._lock:
                 self.answered[json.dumps(body, sort_keys=True)] += 1
@@ -234,7 +273,7 @@ class TeacherServer:
         return obj
 
     def _create_batch(self, params: dict) -> dict:
-        lines = [json.loads(line) for line in self.files[params["input_file_id"]]["data"].decode().splitlines()
+        lines = [json.loads(line) for line in self.files[params["input_file_id"]]["data"].split(b"\n")
                  if line.strip()]
         batch_id = f"batch_{next(self._ids)}"
         now = int(time.time())
@@ -258,10 +297,11 @@ class TeacherServer:
     def _advance(self, batch: dict):
         """One status further, as a real batch moves on over time (here: at every retrieve)."""
         status, fault, now = batch["status"], batch["_fault"], int(time.time())
-        if status == "validating" and fault == "token_limit":
+        if status == "validating" and (fault == "token_limit" or self._over_limit(batch)):
+            self.refused += 1
             batch.update(status="failed", failed_at=now, errors={"object": "list", "data": [{
-                "code": "token_limit_exceeded", "message": TOKEN_LIMIT.format(model=batch["model"]), "param": None,
-                "line": None}]})
+                "code": "token_limit_exceeded", "param": None, "line": None,
+                "message": TOKEN_LIMIT.format(model=batch["model"], limit=self.token_limit or 90_000)}]})
         elif status == "validating":
             batch.update(status="in_progress", in_progress_at=now)
         elif status == "in_progress" and not self.batches_held:
@@ -274,6 +314,32 @@ class TeacherServer:
         elif status == "cancelling":
             self._finish(batch, "cancelled", partial=True)
 
+    @staticmethod
+    def _tokens(batch: dict) -> int:
+        """A batch's prompt tokens, counted as its answers' usage counts them."""
+        return sum(len(line["body"]["messages"][-1]["content"].split()) for line in batch["_lines"])
+
+    def _over_limit(self, batch: dict) -> bool:
+        """Would enqueueing this batch exceed the model's enqueued-token limit?"""
+        if self.token_limit is None:
+            return False
+        queued = sum(self._tokens(b) for b in self.batches.values()
+                     if b["model"] == batch["model"] and b["status"] in ("in_progress", "finalizing"))
+        return queued + self._tokens(batch) > self.token_limit
+
+    def _line_result(self, line: dict) -> tuple[int, dict]:
+        """(HTTP status, body) of one batch line that runs."""
+        prompt = line["body"]["messages"][-1]["content"]
+        if self.line_faults[prompt] > 0:
+            self.line_faults[prompt] -= 1
+            return 500, {"error": {"message": "injected server error", "type": "server_error"}}
+        fate = self.line_errors[prompt].pop(0) if self.line_errors.get(prompt) else None
+        if (error := rejected(line["body"])) is not None:
+            return 400, error
+        if isinstance(fate, int):
+            return fate, error_body(fate, f"injected HTTP {fate}")
+        return 200, self._complete(line["body"], empty=fate == "empty", refusal=fate == "refusal")
+
     def _finish(self, batch: dict, status: str, partial: bool = False):
         """Answer the batch's requests (the first half only, if `partial`) into its output and error files."""
         lines = batch["_lines"]
@@ -281,7 +347,6 @@ class TeacherServer:
         output, errors = [], []
         for k, line in enumerate(lines):
             self.bodies.append(line["body"])
-            prompt = line["body"]["messages"][-1]["content"]
             result = {"id": f"batch_req_{next(self._ids)}", "custom_id": line["custom_id"], "response": None,
                       "error": None}
             if k >= done:
@@ -289,16 +354,11 @@ class TeacherServer:
                 result["error"] = {"code": code, "message": "This request could not be executed before the "
                                    "completion window expired." if code == "batch_expired" else "cancelled"}
                 errors.append(result)
-            elif self.line_faults[prompt] > 0:
-                self.line_faults[prompt] -= 1
-                result["response"] = {"status_code": 500, "request_id": f"req_{next(self._ids)}", "body": {
-                    "error": {"message": "injected server error", "type": "server_error"}}}
-                errors.append(result)
             elif not (batch["_fault"] == "lose_line" and k == len(lines) - 1):
-                result["response"] = {"status_code": 200, "request_id": f"req_{next(self._ids)}",
-                                      "body": self._complete(line["body"])}
-                output.append(result)
-        jsonl = lambda rows: "".join(json.dumps(r) + "\n" for r in rows).encode()  # noqa: E731
+                code, body = self._line_result(line)
+                result["response"] = {"status_code": code, "request_id": f"req_{next(self._ids)}", "body": body}
+                (output if code == 200 else errors).append(result)
+        jsonl = lambda rows: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()  # noqa: E731
         now = int(time.time())
         batch.update(status=status, **{f"{status}_at": now},
                      output_file_id=self._new_file(jsonl(output), "output.jsonl", "batch_output")["id"],

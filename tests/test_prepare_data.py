@@ -196,9 +196,9 @@ def test_reruns_are_byte_identical_and_warn_about_stale_later_outputs(tmp_path):
     prepared(tmp_path / "b", "x", "--input", reviews)
     assert file_bytes(tmp_path / "a" / "x") == file_bytes(tmp_path / "b" / "x")
     (tmp_path / "a" / "x" / "train_aspect_preference_summary.pkl").write_bytes(b"later")
-    _, _, stdout = prepared(tmp_path / "a", "x", "--input", reviews)
+    _, _, stdout = prepared(tmp_path / "a", "x", "--input", reviews, "--overwrite")
     assert "stale" not in stdout  # same splits
-    _, _, stdout = prepared(tmp_path / "a", "x", "--input", reviews, "--split", "0.7,0.2,0.1")
+    _, _, stdout = prepared(tmp_path / "a", "x", "--input", reviews, "--split", "0.7,0.2,0.1", "--overwrite")
     assert "train_aspect_preference_summary.pkl" in stdout and "stale" in stdout
     assert (tmp_path / "a" / "x" / "train_aspect_preference_summary.pkl").read_bytes() == b"later"
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["x"]  # no staging folder left
@@ -252,7 +252,29 @@ def test_failed_run_leaves_an_earlier_dataset_untouched(tmp_path, case):
     prepared(data, "x", "--input", jsonl(tmp_path / "good.json", amazon2014()))
     before = file_bytes(data)
     write, extra, message = BAD[case]
-    run = prepare(data, "--dataset", "x", "--input", write(tmp_path / "bad.json"), *extra)
+    run = prepare(data, "--dataset", "x", "--input", write(tmp_path / "bad.json"), *extra, "--overwrite")
     assert run.returncode != 0 and message in run.stderr
     assert file_bytes(data) == before
     assert sorted(p.name for p in data.iterdir()) == ["x"]
+
+
+def test_an_existing_dataset_is_never_replaced_unasked_and_its_recorded_settings_survive(tmp_path):
+    """Data/<dataset>/ may be the authors' archive; dataset.json holds what later steps recorded there."""
+    reviews = jsonl(tmp_path / "r.json", amazon2014(n=20))
+    prepared(tmp_path, "x", "--input", reviews, "--max_his", "5")
+    info = tmp_path / "x" / "dataset.json"
+    later = {"eval_limit": 7, "drop_leaked_history_rows": True, "test_history_before_target": True}
+    info.write_text(json.dumps({**json.loads(info.read_text()), **later}))
+    before = file_bytes(tmp_path / "x")
+
+    refused = prepare(tmp_path, "--dataset", "x", "--input", reviews, "--split", "0.6,0.2,0.2")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "already exists and holds dataset.json, raw_data/test.pkl, raw_data/train.pkl, raw_data/valid.pkl" in \
+        refused.stderr and "--overwrite" in refused.stderr and "another --dataset" in refused.stderr
+    changed = prepare(tmp_path, "--dataset", "x", "--input", reviews, "--overwrite", "--max_his", "10")
+    assert changed.returncode == 1 and "--max_his 10 differs from the 5 recorded in" in changed.stderr
+    assert file_bytes(tmp_path / "x") == before  # nothing replaced
+
+    splits, recorded, _ = prepared(tmp_path, "x", "--input", reviews, "--split", "0.6,0.2,0.2", "--overwrite")
+    assert recorded["split"]["fractions"] == [0.6, 0.2, 0.2] and len(splits["test"]) == 4
+    assert {k: recorded[k] for k in later} == later and recorded["max_his"] == 5

@@ -2,6 +2,7 @@
 nothing is lost, nothing is paid twice, nothing leaks, and the same inputs give the same bytes."""
 import hashlib
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -206,6 +207,38 @@ def test_missing_truncated_or_wrong_inputs_say_what_to_run(finished, tmp_path, t
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
         assert len(errors) == 1 and message in errors[0] and needed in errors[0] and producer in errors[0]
         path.write_bytes(original)
+
+
+class WritesAFile:
+    """What a crafted pickle may hold: unpickling it calls exec, which writes a file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return exec, (f"open({self.path!r}, 'w').write('ran')",)
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_nothing_of_it_runs(tmp_path):
+    """A table from others (an archive like the authors') holding, in one cell, an object whose unpickling writes a
+    file: the step refuses it, naming what it asked for, and the file is never written."""
+    data, written = tmp_path / "Data" / "Music_data", tmp_path / "written"
+    (data / "raw_data").mkdir(parents=True)
+    reviews = pd.read_pickle(REPO / "tests" / "fixtures" / "Music_data" / "raw_data" / "train.pkl")
+    reviews["review_summary"] = [WritesAFile(str(written))] + ["Positive Aspects: fine"] * (len(reviews) - 1)
+    reviews.to_pickle(data / "train_aspect_preference_summary.pkl")
+    refused = run("1_Summarizer/2_construct_summarizer_train_data.py", "--dataset", "Music_data", cwd=tmp_path,
+                  check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "asks to run builtins.exec while it is read" in refused.stderr and "nothing of it ran" in refused.stderr
+    assert not written.exists() and not (data / "Summarizer_train_instruct.pkl").exists()
+
+
+def test_the_authors_pickles_read_as_pandas_reads_them():
+    from utils import read_pickle
+
+    for path in sorted((REPO / "tests" / "fixtures" / "Music_data").rglob("*.pkl")):
+        assert read_pickle(path).equals(pd.read_pickle(path)), path
 
 
 def test_running_a_stage_twice_never_duplicates_rows(finished, tmp_path, tiny_model):

@@ -1,5 +1,8 @@
 """The teacher: the real openai client against a local OpenAI-protocol server, retries, the cache, settings."""
+import shutil
+
 import pytest
+from safetensors.torch import load_file, save_file
 
 from teacher import Teacher
 from teacher_server import TeacherServer, teacher_answer
@@ -22,6 +25,7 @@ def test_answers_in_order_with_429_and_500_on_the_way(tmp_path, env):
     answers = teacher.ask(PROMPTS, temperature=0.2)
     assert answers == [teacher_answer(p, 0.2, 0) for p in PROMPTS]
     assert server.received == len(PROMPTS) + 3  # three retried requests
+    assert sum(server.calls.values()) == server.received  # nothing but chat completions (no Batch API needed)
     assert teacher.usage["requests"] == len(PROMPTS) and teacher.usage["completion_tokens"] > 0
     server.close()
 
@@ -101,3 +105,31 @@ def test_failure_keeps_what_was_answered_and_hides_the_key(tmp_path, env):
     assert "r3" in message and "InternalServerError" in message and "sk-test" not in message
     assert len(teacher.cache) == 3
     server.close()
+
+
+def test_the_cache_key_holds_the_endpoint_and_a_local_teachers_weights(tmp_path, env, monkeypatch, tiny_model):
+    server, other, cache = TeacherServer(), TeacherServer(), tmp_path / "cache.sqlite"
+    env(server)
+    Teacher(cache).ask(PROMPTS[:3], temperature=0.2)
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url + "/")  # the same endpoint, written otherwise
+    Teacher(cache).ask(PROMPTS[:3], temperature=0.2)
+    monkeypatch.setenv("OPENAI_BASE_URL", other.url)  # another endpoint, maybe another model behind the same name
+    Teacher(cache).ask(PROMPTS[:3], temperature=0.2)
+    assert server.received == 3 and other.received == 3
+
+    model = tmp_path / "teacher"
+    shutil.copytree(tiny_model, model)
+    monkeypatch.setenv("TEACHER", "local")
+    monkeypatch.setenv("TEACHER_MAX_TOKENS", "8")
+    (tmp_path / "link").symlink_to(model)
+    for path, new in [(model, 2), (tmp_path / "link", 0), (f"{model}/", 0), ("retrained", 2)]:
+        if path == "retrained":  # other weights in the same folder
+            weights = load_file(model / "model.safetensors")
+            save_file({name: w + 0.01 for name, w in weights.items()}, model / "model.safetensors",
+                      metadata={"format": "pt"})
+            path = model
+        monkeypatch.setenv("TEACHER_MODEL_PATH", str(path))
+        teacher = Teacher(cache)
+        teacher.ask(PROMPTS[:2], temperature=0.0)
+        assert teacher.usage["requests"] == new, path
+    server.close(), other.close()

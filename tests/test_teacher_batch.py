@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 from openai import OpenAI
 
-import teacher as teacher_module
+import teacher_batch
 from cache import ResultCache
 from conftest import DATASET, FAST, REPO, environment, pipeline_env, run
 from teacher import Teacher
@@ -76,19 +76,19 @@ def wait_until(condition, child=None, timeout=120):
 
 # ------------------------------------------------------------------------------------------ the same answers
 def test_batch_mode_caches_the_same_answers_under_the_same_keys_as_one_by_one(tmp_path, env):
-    samples = [0, 1, 2] * 4
-    one_by_one, batch = TeacherServer(), TeacherServer()
-    env(one_by_one)
+    samples, server = [0, 1, 2] * 4, TeacherServer()  # one endpoint: it is part of the cache key
+    env(server)
     first = Teacher(tmp_path / "one.sqlite").ask(PROMPTS, temperature=0.2, samples=samples)
-    env(batch, TEACHER_BATCH="1")
+    one_by_one = list(server.bodies)
+    env(server, TEACHER_BATCH="1")
     teacher = Teacher(tmp_path / "batch.sqlite")
     assert teacher.ask(PROMPTS, temperature=0.2, samples=samples) == first
     assert results(tmp_path / "one.sqlite") == results(tmp_path / "batch.sqlite")
-    assert sorted(json.dumps(b, sort_keys=True) for b in one_by_one.bodies) == \
-        sorted(json.dumps(b, sort_keys=True) for b in batch.bodies)  # the same requests, seeds and temperatures
-    assert batch.received == 0 and sizes(batch) == [12] and batch.repeated == 0
+    assert sorted(json.dumps(b, sort_keys=True) for b in one_by_one) == \
+        sorted(json.dumps(b, sort_keys=True) for b in server.bodies[12:])  # the same requests, seeds and temperatures
+    assert server.received == 12 and sizes(server) == [12]
     assert teacher.usage["batch_requests"] == 12 and "50% discount applied to 12" in teacher.report()
-    one_by_one.close(), batch.close()
+    server.close()
 
 
 def test_a_step_can_switch_modes_midway_and_keeps_every_answer(tmp_path, env, monkeypatch):
@@ -104,11 +104,10 @@ def test_a_step_can_switch_modes_midway_and_keeps_every_answer(tmp_path, env, mo
     assert again.usage["requests"] == 0 and server.answers == 12 and server.repeated == 0
 
     # Batch mode stopped while its batch runs, then one by one: refused rather than paid twice.  The batch is then
-    # cancelled (through the client, as from the dashboard): the batch run sends again only what has no answer.
+    # cancelled (through the client, as from the dashboard): the batch run stops, and one by one asks for the rest.
     server.hold_batches()
     env(server, TEACHER_BATCH="1")
-    batch_run = threading.Thread(target=Teacher(cache).ask, args=(PROMPTS,), kwargs={"temperature": 0.9}, daemon=True)
-    batch_run.start()
+    batch_run, outcome = asked_in_background(Teacher(cache), PROMPTS, temperature=0.9)
     wait_until(lambda: statuses(server)[1:] == ["in_progress"])  # created, recorded, polled
     monkeypatch.setenv("TEACHER_BATCH", "0")
     with pytest.raises(SystemExit, match=r"1 batch\(es\) of this step are still running at the Batch API \(batch_"):
@@ -116,9 +115,10 @@ def test_a_step_can_switch_modes_midway_and_keeps_every_answer(tmp_path, env, mo
     OpenAI(base_url=server.url, api_key="sk-test").batches.cancel(list(server.batches)[-1])
     server.release_batches()
     batch_run.join(60)
-    assert statuses(server)[1:] == ["cancelled", "completed"] and sizes(server)[1:] == [12, 6]
-    assert server.received == 5 and server.repeated == 0
+    assert "was cancelled from outside this run" in outcome["error"]
+    assert statuses(server)[1:] == ["cancelled"] and sizes(server)[1:] == [12] and server.received == 5
     assert Teacher(cache).ask(PROMPTS, temperature=0.9) == [teacher_answer(p, 0.9, 0) for p in PROMPTS]
+    assert server.received == 11 and server.repeated == 0
     server.close()
 
 
@@ -134,7 +134,7 @@ def test_error_lines_go_out_again_in_a_new_batch_a_bounded_number_of_times_then_
     assert message.startswith("error: 1 teacher requests failed in the Batch API 3 times: row r7: HTTP 500: "
                               "injected server error. The 11 answers received are kept")
     assert "\n" not in message and "r3" not in message
-    assert sizes(server) == [12, 2, 1] and teacher_module.BATCH_MAX_ATTEMPTS == 3
+    assert sizes(server) == [12, 2, 1] and teacher_batch.BATCH_MAX_ATTEMPTS == 3
     assert rows(cache) == 11 and server.repeated == 0
     server.line_faults.clear()  # a rerun tries the reported row afresh
     assert Teacher(cache).ask(PROMPTS, temperature=0.2)[7] == teacher_answer(PROMPTS[7], 0.2, 0)
@@ -142,14 +142,13 @@ def test_error_lines_go_out_again_in_a_new_batch_a_bounded_number_of_times_then_
     server.close()
 
 
-@pytest.mark.parametrize("fault, status", [("expire", "expired"), ("cancel", "cancelled")])
-def test_an_expired_or_cancelled_batch_sends_again_only_what_has_no_answer(tmp_path, env, fault, status):
+def test_an_expired_batch_sends_again_only_what_has_no_answer(tmp_path, env):
     server = TeacherServer()
     env(server, TEACHER_BATCH="1")
-    server.batch_faults = [fault]
+    server.batch_faults = ["expire"]
     answers = Teacher(tmp_path / "cache.sqlite").ask(PROMPTS, temperature=0.2)
     assert answers == [teacher_answer(p, 0.2, 0) for p in PROMPTS]
-    assert statuses(server) == [status, "completed"] and sizes(server) == [12, 6]
+    assert statuses(server) == ["expired", "completed"] and sizes(server) == [12, 6]
     assert server.answers == 12 and server.repeated == 0
     server.close()
 
@@ -164,7 +163,7 @@ def test_a_request_missing_from_a_completed_batch_counts_as_failed_and_goes_out_
     server.close()
 
 
-def test_the_enqueued_token_limit_waits_and_sends_the_batch_again(tmp_path, env, capsys):
+def test_the_enqueued_token_limit_halves_a_part_refused_with_nothing_else_queued(tmp_path, env, capsys):
     server = TeacherServer()
     env(server, TEACHER_BATCH="1")
     server.batch_faults = ["token_limit"]
@@ -172,7 +171,9 @@ def test_the_enqueued_token_limit_waits_and_sends_the_batch_again(tmp_path, env,
         [teacher_answer(p, 0.2, 0) for p in PROMPTS]
     first = server.batches[next(iter(server.batches))]
     assert first["errors"]["data"][0]["code"] == "token_limit_exceeded"
-    assert statuses(server) == ["failed", "completed"] and server.repeated == 0
+    assert statuses(server)[0] == "failed" and set(statuses(server)[1:]) == {"completed"}
+    assert sizes(server)[0] == 12 and sum(sizes(server)[1:]) == 12 and max(sizes(server)[1:]) <= 6  # halved
+    assert server.repeated == 0
     assert "Enqueued token limit reached" in capsys.readouterr().out
     server.close()
 
@@ -180,11 +181,11 @@ def test_the_enqueued_token_limit_waits_and_sends_the_batch_again(tmp_path, env,
 def test_a_big_step_is_split_into_batches_within_the_limits(tmp_path, env, monkeypatch):
     server = TeacherServer()
     env(server, TEACHER_BATCH="1")
-    monkeypatch.setattr(teacher_module, "BATCH_MAX_REQUESTS", 5)
+    monkeypatch.setattr(teacher_batch, "BATCH_MAX_REQUESTS", 5)
     Teacher(tmp_path / "a.sqlite").ask(PROMPTS, temperature=0.2)
     assert sizes(server) == [5, 5, 2]
-    monkeypatch.setattr(teacher_module, "BATCH_MAX_REQUESTS", 50_000)
-    monkeypatch.setattr(teacher_module, "BATCH_MAX_BYTES", 1000)
+    monkeypatch.setattr(teacher_batch, "BATCH_MAX_REQUESTS", 50_000)
+    monkeypatch.setattr(teacher_batch, "BATCH_MAX_BYTES", 1000)
     Teacher(tmp_path / "b.sqlite").ask(PROMPTS, temperature=0.5)
     inputs = [len(server.files[b["input_file_id"]]["data"]) for b in list(server.batches.values())[3:]]
     assert sum(sizes(server)[3:]) == 12 and len(inputs) > 2 and max(inputs) <= 1000
@@ -218,6 +219,183 @@ def test_the_local_teacher_refuses_batch_mode(tmp_path, monkeypatch):
         Teacher(tmp_path / "cache.sqlite")
 
 
+# ------------------------------------------------------------------------------------------ the real service's limits
+def asked_in_background(teacher, prompts, temperature=0.2, **kwargs):
+    """Run teacher.ask in a thread: (thread, outcome), outcome["answers"] or outcome["error"] once it ends."""
+    outcome = {}
+
+    def ask():
+        try:
+            outcome["answers"] = teacher.ask(prompts, temperature=temperature, **kwargs)
+        except SystemExit as e:
+            outcome["error"] = str(e)
+    thread = threading.Thread(target=ask, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_parts_are_split_by_an_estimated_token_budget(tmp_path, env):
+    server = TeacherServer()
+    env(server, TEACHER_BATCH="1", TEACHER_BATCH_TOKENS="50")  # a prompt here is about 11 tokens (44 characters / 4)
+    Teacher(tmp_path / "cache.sqlite").ask(PROMPTS, temperature=0.2)
+    assert sizes(server) == [4, 4, 4] and server.repeated == 0
+    server.close()
+
+
+def test_a_part_over_the_enqueued_token_limit_is_halved_at_once(tmp_path, env, capsys):
+    """The organization may enqueue 30 tokens (the server counts a prompt's words: 7 here), far less than the step's
+    one part (84): refused with nothing else queued, the part is halved at once, until the parts fit."""
+    server = TeacherServer()
+    server.token_limit = 30
+    env(server, TEACHER_BATCH="1")
+    thread, outcome = asked_in_background(Teacher(tmp_path / "cache.sqlite"), PROMPTS)
+    thread.join(60)
+    assert outcome.get("answers") == [teacher_answer(p, 0.2, 0) for p in PROMPTS], outcome
+    accepted = [b for b in server.batches.values() if b["status"] == "completed"]
+    assert sum(b["request_counts"]["total"] for b in accepted) == 12 and server.repeated == 0
+    assert all(server._tokens(b) <= 30 for b in accepted)
+    assert sizes(server)[0] == 12 and server.refused >= 2 and "halving the parts" in capsys.readouterr().out
+    server.close()
+
+
+def test_a_part_refused_while_the_steps_own_batch_holds_the_queue_waits_and_reuses_its_upload(tmp_path, env,
+                                                                                                capsys):
+    """Parts of 3 prompts (21 tokens at the server) under a limit of 30: one fits at a time.  The others are refused
+    while the first is queued, wait for it to end, and go out again from the files already uploaded."""
+    server = TeacherServer()
+    server.token_limit = 30
+    env(server, TEACHER_BATCH="1", TEACHER_BATCH_TOKENS="34")  # 3 prompts of about 11 tokens (44 characters / 4)
+    thread, outcome = asked_in_background(Teacher(tmp_path / "cache.sqlite"), PROMPTS)
+    thread.join(60)
+    assert outcome.get("answers") == [teacher_answer(p, 0.2, 0) for p in PROMPTS], outcome
+    accepted = [b for b in server.batches.values() if b["status"] == "completed"]
+    assert [b["request_counts"]["total"] for b in accepted] == [3, 3, 3, 3] and server.repeated == 0
+    assert server.refused >= 3 and "halving" not in capsys.readouterr().out
+    inputs = [b["input_file_id"] for b in server.batches.values()]
+    assert server.calls["POST /v1/files"] == len(set(inputs)) == 4 < len(inputs)  # sent again from its upload
+    server.close()
+
+
+def test_refusals_for_the_enqueued_token_limit_are_capped_with_a_message_naming_it(tmp_path, env):
+    server = TeacherServer()
+    server.token_limit = 5  # not even one request fits
+    env(server, TEACHER_BATCH="1")
+    thread, outcome = asked_in_background(Teacher(tmp_path / "cache.sqlite"), PROMPTS)
+    thread.join(60)
+    assert not thread.is_alive(), "still sending the same refused part"
+    message = outcome.get("error", "")
+    assert message.startswith("error: the Batch API refused") and "Limit: 5 enqueued tokens" in message
+    assert "TEACHER_BATCH_TOKENS" in message and "\n" not in message
+    assert server.refused == teacher_batch.BATCH_MAX_REFUSALS and server.answers == 0
+    server.close()
+
+
+@pytest.mark.parametrize("batch", ["0", "1"])
+def test_a_reasoning_model_gets_max_completion_tokens(tmp_path, env, batch):
+    server = TeacherServer()
+    env(server, TEACHER_MODEL="gpt-5-mini", TEACHER_BATCH=batch)
+    assert Teacher(tmp_path / "cache.sqlite").ask(PROMPTS[:3], temperature=1.0) == \
+        [teacher_answer(p, 1.0, 0) for p in PROMPTS[:3]]
+    assert all("max_completion_tokens" in b and "max_tokens" not in b for b in server.bodies)
+    server.close()
+
+
+@pytest.mark.parametrize("batch", ["0", "1"])
+def test_a_temperature_the_model_cannot_take_is_refused_before_anything_is_paid(tmp_path, env, monkeypatch, batch):
+    server = TeacherServer()
+    env(server, TEACHER_MODEL="gpt-5-mini", TEACHER_BATCH=batch)
+    with pytest.raises(SystemExit, match=r"^error: the teacher gpt-5-mini .*only its default temperature, 1; this "
+                                         r"step asks at temperature 0\.2"):
+        Teacher(tmp_path / "cache.sqlite").ask(PROMPTS, temperature=0.2)
+    with pytest.raises(SystemExit, match="temperature 0.2"):  # a step names its temperatures before its first request
+        Teacher(tmp_path / "cache.sqlite", temperatures=[1.0, 0.2])
+    assert server.received == 0 and server.batches_created == 0
+    monkeypatch.setenv("TEACHER_MODEL", "gpt-5-chat-latest")  # not a reasoning model
+    Teacher(tmp_path / "cache.sqlite", temperatures=[0.2])
+    server.close()
+
+
+def test_408_429_and_5xx_lines_are_retried_and_any_other_4xx_is_reported_at_once(tmp_path, env):
+    server = TeacherServer()
+    env(server, TEACHER_BATCH="1")
+    server.line_errors = {PROMPTS[2]: [408], PROMPTS[3]: [429], PROMPTS[4]: [503]}
+    assert Teacher(tmp_path / "a.sqlite").ask(PROMPTS, temperature=0.2) == [teacher_answer(p, 0.2, 0) for p in PROMPTS]
+    assert sizes(server) == [12, 3]
+    server.line_errors = {PROMPTS[1]: [400]}
+    with pytest.raises(SystemExit) as failure:
+        Teacher(tmp_path / "b.sqlite").ask(PROMPTS, temperature=0.5, labels=[f"r{i}" for i in range(12)])
+    assert sizes(server)[2:] == [12]  # not sent again
+    assert str(failure.value).startswith("error: 1 teacher requests were rejected by the API (not retried): row r1: "
+                                         "HTTP 400: injected HTTP 400.")
+    assert rows(tmp_path / "b.sqlite") == 11
+    assert Teacher(tmp_path / "b.sqlite").ask(PROMPTS, temperature=0.5)[1] == teacher_answer(PROMPTS[1], 0.5, 0)
+    assert sizes(server)[2:] == [12, 1] and server.repeated == 0
+    server.close()
+
+
+@pytest.mark.parametrize("batch", ["0", "1"])
+def test_empty_and_refused_answers_are_asked_again_a_bounded_number_of_times_and_billed(tmp_path, env, batch):
+    server = TeacherServer(faults=["empty", "refusal"])
+    env(server, TEACHER_BATCH=batch)
+    server.line_errors = {PROMPTS[5]: ["empty"], PROMPTS[6]: ["refusal"]}
+    teacher = Teacher(tmp_path / "cache.sqlite")
+    assert teacher.ask(PROMPTS, temperature=0.2) == [teacher_answer(p, 0.2, 0) for p in PROMPTS]
+    assert teacher.usage["empty"] == 2 and teacher.usage["requests"] == 14
+    assert "2 of them empty or refused, asked again" in teacher.report()
+    server.faults = ["refusal"] * 3
+    server.line_errors = {PROMPTS[0]: ["refusal"] * 3}
+    with pytest.raises(SystemExit, match=r"row #0(:| failed:) the model refused: I.m sorry"):
+        Teacher(tmp_path / "cache.sqlite").ask(PROMPTS[:1], temperature=0.9)
+    server.close()
+
+
+def test_output_files_are_split_on_newlines_only(tmp_path, env):
+    """JSON leaves U+2028, U+2029 and U+0085 unescaped inside a string; str.splitlines() breaks lines on them."""
+    def respond(prompt, temperature=0.0, seed=None):
+        return teacher_answer(prompt, temperature, seed) + "\u2028Also\u2029this\x85too"
+    server = TeacherServer(respond=respond)
+    env(server, TEACHER_BATCH="1")
+    assert Teacher(tmp_path / "cache.sqlite").ask(PROMPTS, temperature=0.2) == [respond(p, 0.2, 0) for p in PROMPTS]
+    assert "\u2028".encode() in server.files[server.batches[next(iter(server.batches))]["output_file_id"]]["data"]
+    server.close()
+
+
+def test_a_batch_cancelled_by_hand_stops_the_step_and_a_rerun_submits_the_rest_again(tmp_path, env):
+    server, cache = TeacherServer(), tmp_path / "cache.sqlite"
+    env(server, TEACHER_BATCH="1")
+    server.hold_batches()
+    thread, outcome = asked_in_background(Teacher(cache), PROMPTS)
+    wait_until(lambda: statuses(server) == ["in_progress"])
+    batch_id = next(iter(server.batches))
+    OpenAI(base_url=server.url, api_key="sk-test").batches.cancel(batch_id)  # as from the dashboard
+    server.release_batches()
+    thread.join(60)
+    assert outcome.get("error", "").startswith(f"error: batch {batch_id} was cancelled from outside this run (the "
+                                               f"dashboard or the API): its 6 answers are kept; the other 6 requests "
+                                               f"were not run. Rerun the same command to submit them again")
+    assert sizes(server) == [12] and rows(cache) == 6
+    assert Teacher(cache).ask(PROMPTS, temperature=0.2) == [teacher_answer(p, 0.2, 0) for p in PROMPTS]
+    assert sizes(server) == [12, 6] and server.repeated == 0
+    server.close()
+
+
+def test_one_by_one_after_a_kill_between_creating_a_batch_and_recording_it_adopts_that_batch(tmp_path, env,
+                                                                                               monkeypatch):
+    server, cache = TeacherServer(), tmp_path / "cache.sqlite"
+    env(server, TEACHER_BATCH="1")
+    child = subprocess.run([sys.executable, "-c", CREATE_THEN_DIE.format(root=str(REPO), cache=str(cache),
+                                                                         prompts=PROMPTS)], capture_output=True)
+    assert child.returncode == -signal.SIGKILL and server.batches_created == 1
+    monkeypatch.setenv("TEACHER_BATCH", "0")
+    with pytest.raises(SystemExit, match="still running at the Batch API"):  # it would pay for them twice
+        Teacher(cache).ask(PROMPTS, temperature=0.2, desc="teacher summaries")
+    server.finish_batches()
+    assert Teacher(cache).ask(PROMPTS, temperature=0.2, desc="teacher summaries") == \
+        [teacher_answer(p, 0.2, 0) for p in PROMPTS]
+    assert server.received == 0 and server.batches_created == 1 and server.repeated == 0
+    server.close()
+
+
 # ------------------------------------------------------------------------------------------ kills and stops
 def test_a_kill_while_polling_resumes_the_same_batch_and_pays_nothing_twice(workspace, tiny_model, tmp_path):
     """SIGTERM, then SIGKILL, while the step polls its batch; the third run collects it.  One batch in all."""
@@ -233,7 +411,7 @@ def test_a_kill_while_polling_resumes_the_same_batch_and_pays_nothing_twice(work
         out = (tmp_path / f"{kill.name}.log").read_text()
         assert child.returncode == (143 if kill == signal.SIGTERM else -signal.SIGKILL)
         assert server.batches_created == 1 and server.answers == 0
-    assert "stopped by SIGTERM: the batches of this step (batch_" in (tmp_path / "SIGTERM.log").read_text()
+    assert "stopped by SIGTERM: the batches of this step still running (batch_" in (tmp_path / "SIGTERM.log").read_text()
     assert "keep running at the Batch API" in (tmp_path / "SIGTERM.log").read_text()
     server.release_batches()
     out = run(SUMMARIES, "--limit", "40", cwd=workspace, env=env)
@@ -275,8 +453,8 @@ def test_one_by_one_after_a_killed_batch_run_takes_in_its_batch_once_it_has_ende
 CREATE_THEN_DIE = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import cache
-cache.ResultCache.record_batch = lambda *args: os.kill(os.getpid(), signal.SIGKILL)  # dies right after creating
+import teacher_batch
+teacher_batch.BatchBook.record = lambda *args: os.kill(os.getpid(), signal.SIGKILL)  # dies right after creating
 from teacher import Teacher
 Teacher({cache!r}).ask({prompts!r}, temperature=0.2, desc="teacher summaries")
 """
