@@ -131,28 +131,47 @@ def base_of(adapter: str | Path, model_path: str | None = None) -> str:
     return base
 
 
+BASE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")  # what shapes a base model's answers
+
+
 def fingerprint(path: str | Path) -> str:
-    """Identifies a model's weights, so that a cached answer is reused for the same weights (wherever they lie: a
-    checkpoint and its copy as final_checkpoint share their answers) and never after retraining.  An adapter: the bytes
-    of its weights and of its config (which names its base model); a base model: its folder and its files' sizes and
-    times (hashing gigabytes on every run would cost more than it saves)."""
+    """Identifies a model's weights wherever they lie (a checkpoint and its copy as final_checkpoint share their
+    answers, and so do a base model and a copy of it that keeps its files' times), and changes whenever they do.  An
+    adapter: the bytes of its weights and its config, less the path of its base model (which `model_id` identifies by
+    its own fingerprint); a base model: the bytes of its config, generation config and tokenizer files, and its weight
+    files' names, sizes and times (hashing gigabytes on every run would cost more than it saves)."""
     path = Path(path)
     h = hashlib.sha256()
     if (path / "adapter_config.json").exists():
-        for f in sorted(path.glob("adapter_model.*")) + [path / "adapter_config.json"]:
+        config = json.loads((path / "adapter_config.json").read_text())
+        config.pop("base_model_name_or_path", None)
+        h.update(json.dumps(config, sort_keys=True).encode())
+        for f in sorted(path.glob("adapter_model.*")):
             h.update(f.name.encode() + f.read_bytes())
     else:
-        h.update(str(path.resolve()).encode())
+        for f in (path / name for name in BASE_FILES):
+            if f.exists():
+                h.update(f.name.encode() + f.read_bytes())
         for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
             h.update(f"{f.name}{f.stat().st_size}{f.stat().st_mtime_ns}".encode())
     return h.hexdigest()[:16]
+
+
+def model_id(model, *paths) -> str:
+    """What makes a loaded model's answers what they are, for the cache keys: its weights (the fingerprints of
+    `paths`: the adapter, if any, and the base model it was loaded on) and how they run (the backend, the dtype, and
+    whether the base is in 4-bit, as loaded)."""
+    return ResultCache.key(*map(fingerprint, paths), backend(), str(model.dtype), loaded_in_4bit(model))[:16]
 
 
 def load_model(path: str | Path, *, load_in_4bit="auto", model_path=None, **expert) -> "Expert":
     """A base model folder, or a LoRA adapter folder on its base model (see `base_of`), ready for inference."""
     path = str(path)
     adapter = path if (Path(path) / "adapter_config.json").exists() else None
-    model, tokenizer = load_base(base_of(adapter, model_path) if adapter else path, load_in_4bit=load_in_4bit)
+    base = base_of(adapter, model_path) if adapter else path
+    model, tokenizer = load_base(base, load_in_4bit=load_in_4bit)
+    identity = model_id(model, path, base) if adapter else model_id(model, base)
     if adapter:
         from peft import PeftModel
 
@@ -166,7 +185,7 @@ def load_model(path: str | Path, *, load_in_4bit="auto", model_path=None, **expe
 
         FastLanguageModel.for_inference(model)
     model.eval()
-    return Expert(model, tokenizer, fingerprint(path), **expert)
+    return Expert(model, tokenizer, identity, **expert)
 
 
 def load_expert(data: DataArguments, args: ModelArguments, name: str) -> "Expert":
@@ -183,8 +202,8 @@ def load_expert(data: DataArguments, args: ModelArguments, name: str) -> "Expert
 class Expert:
     """A language model (a base model, or a base model with a LoRA adapter) and what the pipeline asks of it:
     `generate` answers, `score` the rating after "Predicted Rating: ", or the `loglikelihood` of given answers.  Work
-    goes in length-sorted batches, each kept in `cache` as soon as it is done, under keys that include `model_id` (a
-    fingerprint of the weights)."""
+    goes in length-sorted batches, each kept in `cache` as soon as it is done, under keys that include `model_id`
+    (from load_model: the weights and how they run, see the function `model_id`) and `double_bos`."""
 
     def __init__(self, model, tokenizer, model_id: str = "", *, cache: ResultCache | None = None, batch_size: int = 8,
                  max_new_tokens: int = 1024, double_bos: bool = False):
