@@ -77,7 +77,8 @@ LOADS: list[dict] = []  # every base model load_base loaded in this process, as 
 def load_base(path: str | Path, *, load_in_4bit="auto", max_seq_length: int = 4096):
     """(model, tokenizer) of a base model, as training and inference both load it: Unsloth where installed, else
     transformers (+ bitsandbytes NF4 with double quantization for 4-bit); bf16 on a GPU that has it, float32 on a
-    CPU; each process of a data-parallel run on its own GPU.  Returns also whether it really is in 4-bit."""
+    CPU (Unsloth would choose bf16 on a CPU that has it: it is told); each process of a data-parallel run on its own
+    GPU.  Returns also whether it really is in 4-bit."""
     path, quantize = str(path), use_4bit(load_in_4bit)
     device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else None
     if backend() == "unsloth":
@@ -85,7 +86,7 @@ def load_base(path: str | Path, *, load_in_4bit="auto", max_seq_length: int = 40
 
         extra = {"device_map": device_map} if device_map else {}
         model, tokenizer = FastLanguageModel.from_pretrained(
-            model_name=path, max_seq_length=max_seq_length, dtype=None, load_in_4bit=quantize, **extra)
+            model_name=path, max_seq_length=max_seq_length, dtype=default_dtype(), load_in_4bit=quantize, **extra)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 

@@ -1,7 +1,9 @@
 """Benchmark: LoRA training throughput and peak memory of the Unsloth path against transformers + PEFT (with
 bitsandbytes for 4-bit), on the same model, the same batches and the same LoRA settings, both loaded by
 qlora_finetune.py's own code.  Each backend runs in its own process (Unsloth patches transformers when imported);
-the first steps (compilation, warm-up) are left out of the timing.
+the first steps (compilation, warm-up) are left out of the timing.  `--child` trains with the backend of the process
+it runs in: scripts/gpu_check.py runs it so in the processes where each backend is already imported, and puts the two
+results together with `report`.
 
     python benchmarks/unsloth_vs_hf.py --model_path MODEL [--steps 12] [--batch_size 4] [--words 400] [--load_in_4bit auto]
                                       [--json results.json]
@@ -23,8 +25,10 @@ WORDS = ("guitar string sound tone pedal amp cable tuner strap pick capo bass dr
          "cheap solid great good bad noisy clear warm bright heavy light durable works fine broke love value").split()
 
 
-def child(args):
-    """Train `args.steps` steps with the backend named in REASON4REC_BACKEND; print one JSON line of results."""
+def child(args) -> dict:
+    """Train `args.steps` steps with this process's backend (llm.backend(): REASON4REC_BACKEND, else Unsloth where
+    installed); its results.  Peak GPU memory is counted from what was allocated when it began, so that it is the
+    training's own in a process that ran other work before."""
     sys.path.insert(0, str(ROOT))
     import torch
     from datasets import Dataset
@@ -35,6 +39,7 @@ def child(args):
     import qlora_finetune as qf
     import training
 
+    baseline = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
     rng = random.Random(0)
     examples = [{"prompt": [{"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(args.words))}],
                  "completion": [{"role": "assistant", "content": f"Predicted Rating: {rng.randint(1, 5)}.0"}]}
@@ -64,17 +69,44 @@ def child(args):
     trainer.train()
     per_step = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
     steady = times[2:] or times
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else \
+    peak = (torch.cuda.max_memory_allocated() - baseline) / 2**30 if torch.cuda.is_available() else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     loaded = llm.LOADS[-1]  # as load_base reports it
-    print(json.dumps({"backend": os.environ["REASON4REC_BACKEND"], "loaded_backend": loaded["backend"],
-                      "in_4bit": loaded["in_4bit"], "device": loaded["device"], "first_step_s": times[0],
-                      "steady_step_s": sum(steady) / len(steady), "sequences_per_step": per_step,
-                      "tokens_per_sequence": tokens, "peak_memory_gib": peak,
-                      "memory_kind": "GPU (max allocated)" if torch.cuda.is_available() else "CPU (peak RSS)"}))
+    return {"backend": llm.backend(), "loaded_backend": loaded["backend"], "in_4bit": loaded["in_4bit"],
+            "device": loaded["device"], "first_step_s": times[0], "steady_step_s": sum(steady) / len(steady),
+            "sequences_per_step": per_step, "tokens_per_sequence": tokens, "peak_memory_gib": peak,
+            "memory_kind": "GPU (max allocated)" if torch.cuda.is_available() else "CPU (peak RSS of the process)"}
 
 
-def main():
+def report(settings: dict, results: dict, failed: dict) -> dict:
+    """Both backends' results and, where both ran, Unsloth's over transformers': sequences per second, peak memory."""
+    ratios = None
+    if len(results) == 2:
+        u, h = results["unsloth"], results["hf"]
+        ratios = {"sequences_per_s": (u["sequences_per_step"] / u["steady_step_s"])
+                  / (h["sequences_per_step"] / h["steady_step_s"]),
+                  "peak_memory": u["peak_memory_gib"] / h["peak_memory_gib"]}
+    return {"settings": settings, "results": results, "failed": failed, "unsloth_over_hf": ratios}
+
+
+def table(report: dict) -> str:
+    s = report["settings"]
+    lines = [f"{s['model_path']}, {s['steps']} steps of {s['batch_size']} sequences, 4-bit: {s['load_in_4bit']}",
+             "| backend | loaded as | first step (s) | steady step (s) | sequences/s | tokens/s | peak memory (GiB) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for name, r in report["results"].items():
+        seq = r["sequences_per_step"] / r["steady_step_s"]
+        loaded = f"{r['loaded_backend']}, {'4-bit' if r['in_4bit'] else 'not 4-bit'}, {r['device']}"
+        lines.append(f"| {name} | {loaded} | {r['first_step_s']:.2f} | {r['steady_step_s']:.3f} | {seq:.2f} | "
+                     f"{seq * r['tokens_per_sequence']:.0f} | {r['peak_memory_gib']:.2f} ({r['memory_kind']}) |")
+    ratios = report["unsloth_over_hf"]
+    if ratios:
+        lines.append(f"\nUnsloth / HF: {ratios['sequences_per_s']:.2f}x the sequences per second, "
+                     f"{ratios['peak_memory']:.2f}x the peak memory")
+    return "\n".join(lines)
+
+
+def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_path", required=True)
     parser.add_argument("--steps", type=int, default=12)
@@ -83,42 +115,41 @@ def main():
     parser.add_argument("--load_in_4bit", default="auto")
     parser.add_argument("--out", default="benchmark_out")
     parser.add_argument("--json", help="also write the results (per backend, and the ratios) to this JSON file")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        return child(args)
+    parser.add_argument("--child", action="store_true", help="train with this process's backend only; print (and "
+                        "with --json write) its results")
+    return parser.parse_args(argv)
 
+
+def settings_of(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("child", "json")}
+
+
+def main():
+    args = parse()
+    if args.child:
+        result = child(args)
+        print(json.dumps(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return
+
+    settings = settings_of(args)
     results, failed = {}, {}
     for backend in ("unsloth", "hf"):
         env = {**os.environ, "REASON4REC_BACKEND": backend}
         start = time.time()
-        done = subprocess.run([sys.executable, __file__, "--child", *sys.argv[1:]], env=env, capture_output=True,
-                              text=True)
+        done = subprocess.run([sys.executable, __file__, "--child", *(f"--{k}={v}" for k, v in settings.items())],
+                              env=env, capture_output=True, text=True)
         if done.returncode:
             print(f"{backend}: failed\n{done.stderr[-3000:]}")
             failed[backend] = {"start": start, "end": time.time(), "error": done.stderr[-3000:]}
             continue
         results[backend] = {**json.loads(done.stdout.strip().splitlines()[-1]), "start": start, "end": time.time()}
 
-    print(f"\n{args.model_path}, {args.steps} steps of {args.batch_size} sequences, 4-bit: {args.load_in_4bit}")
-    print("| backend | loaded as | first step (s) | steady step (s) | sequences/s | tokens/s | peak memory (GiB) |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for name, r in results.items():
-        seq = r["sequences_per_step"] / r["steady_step_s"]
-        loaded = f"{r['loaded_backend']}, {'4-bit' if r['in_4bit'] else 'not 4-bit'}, {r['device']}"
-        print(f"| {name} | {loaded} | {r['first_step_s']:.2f} | {r['steady_step_s']:.3f} | {seq:.2f} | "
-              f"{seq * r['tokens_per_sequence']:.0f} | {r['peak_memory_gib']:.2f} ({r['memory_kind']}) |")
-    ratios = None
-    if len(results) == 2:
-        u, h = results["unsloth"], results["hf"]
-        speed = (u["sequences_per_step"] / u["steady_step_s"]) / (h["sequences_per_step"] / h["steady_step_s"])
-        ratios = {"sequences_per_s": speed, "peak_memory": u["peak_memory_gib"] / h["peak_memory_gib"]}
-        print(f"\nUnsloth / HF: {speed:.2f}x the sequences per second, "
-              f"{ratios['peak_memory']:.2f}x the peak memory")
+    result = report(settings, results, failed)
+    print("\n" + table(result))
     if args.json:
-        Path(args.json).write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k != "child"},
-                                               "results": results, "failed": failed, "unsloth_over_hf": ratios},
-                                              indent=1))
+        Path(args.json).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

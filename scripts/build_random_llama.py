@@ -83,6 +83,23 @@ def build(output: str | Path, size: str = "tiny", seed: int = 0, device: str = "
     return str(output)
 
 
+def build_adapter(model_path: str | Path, output: str | Path, seed: int = 0) -> str:
+    """A LoRA adapter of the experts' shape (qlora_finetune's rank, alpha and target modules) for the model at
+    `model_path`, with random non-zero weights: training starts LoRA's B at zero, which would leave the model as it
+    was, and a backend that dropped or misapplied the adapter would go unseen (scripts/backend_values.py)."""
+    from peft import LoraConfig, get_peft_model
+
+    from qlora_finetune import FinetuneArguments
+
+    torch.manual_seed(seed)
+    shape = FinetuneArguments()
+    model = LlamaForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
+    lora = LoraConfig(r=shape.lora_rank, lora_alpha=shape.lora_alpha, target_modules=shape.target_modules.split(","),
+                      init_lora_weights=False, task_type="CAUSAL_LM")  # False: A and B as nn.Linear starts them
+    get_peft_model(model, lora).save_pretrained(output)
+    return str(output)
+
+
 if __name__ == "__main__":
     import sys
 
