@@ -125,3 +125,36 @@ def load_histories(data: DataArguments, prompt) -> HistoryIndex:
 def text(value) -> str:
     """A summary as text: a missing one (None/NaN) becomes "", never the string "nan"."""
     return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
+
+
+def history_coverage(train: pd.DataFrame, held_out: dict[str, pd.DataFrame],
+                     before_target: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Which rows have a user history and which an item history, as every prompt's histories are looked up
+    (HistoryIndex over the training reviews): {"train": (user, item), <split>: (user, item), ...}, boolean arrays
+    in the rows' order.  A training row's histories are the training reviews before it; a held-out row's, those
+    before it too unless `before_target` is false (prompts.TestPromptArguments.test_history_before_target)."""
+    index = HistoryIndex(train, max_his=0, summary_column="reviews")  # only the counts are looked up, no summary
+    coverage = {}
+    for split, rows, boundary in [("train", train, True), *((s, rows, before_target) for s, rows in held_out.items())]:
+        found = index.for_rows(rows, boundary)
+        coverage[split] = (np.array([h.user_count > 0 for h in found], dtype=bool),
+                           np.array([h.item_count > 0 for h in found], dtype=bool))
+    return coverage
+
+
+def history_shares(coverage: dict) -> dict:
+    """history_coverage's arrays as counts: {split: {"rows", "with_user_history", "with_item_history", "with_both"}}."""
+    return {split: {"rows": len(user), "with_user_history": int(user.sum()), "with_item_history": int(item.sum()),
+                    "with_both": int((user & item).sum())} for split, (user, item) in coverage.items()}
+
+
+def history_table(coverage: dict) -> str:
+    """The share of each split's rows with a user history, an item history and both, as a printed table."""
+    lines = ["rows with a user / item history (an earlier training review of the same user / item; else the prompt "
+             "shows N/A there):", f"{'split':<7}{'rows':>7}{'user history':>16}{'item history':>16}{'both':>16}"]
+    for split, counts in history_shares(coverage).items():
+        n = counts["rows"]
+        cells = "".join(f"{f'{k:,} ({k / n:.0%})' if n else '-':>16}" for k in
+                        (counts["with_user_history"], counts["with_item_history"], counts["with_both"]))
+        lines.append(f"{split:<7}{n:>7,}{cells}")
+    return "\n".join(lines)
