@@ -155,14 +155,23 @@ def reviews(pairs) -> list[dict]:
 
 
 def test_dense_slice_peels_the_least_reviewed_users_and_items_first(tmp_path):
-    """Three users who each reviewed the same three items, and six one-off reviews (by new users of new items, late,
-    where a random slice would put its test rows): a slice of 9 is the block, whatever the seed."""
+    """Six one-off reviews (new users of new items), then three users who each reviewed the same three items: a slice
+    of 9 is the block, whatever the seed; a slice of 12 keeps the block and three one-off reviews, which ones drawn
+    from the seed.  (The one-off reviews come first, in the training split: the warm step alone would keep them.)"""
+    one_off = [(f"X{i}", f"C{i}") for i in range(6)]
     block = [(f"U{(i + d) % 3}", f"B{i}") for d in range(3) for i in range(3)]
-    file = jsonl(tmp_path / "r.json", reviews(block + [(f"X{i}", f"C{i}") for i in range(6)]))
+    file = jsonl(tmp_path / "r.json", reviews(one_off + block))
+
+    def kept(n, seed):
+        splits, _, stdout = prepared(tmp_path / f"{n}-{seed}", "x", "--input", file, "--dense_slice", n, "--seed", seed)
+        return set(zip(everything(splits)["user_id"], everything(splits)["item_id"])), stdout
+
+    assert len(kept(15, 0)[0]) == 15  # nothing to peel, and every held-out review is warm
     for seed in (0, 1):
-        splits, _, stdout = prepared(tmp_path / str(seed), "x", "--input", file, "--dense_slice", 9, "--seed", seed)
-        assert sorted(zip(everything(splits)["user_id"], everything(splits)["item_id"])) == sorted(block)
-        assert "kept 3 of 9 users, 3 of 9 items, 9 of 15 reviews" in stdout
+        pairs, stdout = kept(9, seed)
+        assert pairs == set(block) and "kept 3 of 9 users, 3 of 9 items, 9 of 15 reviews" in stdout
+    (first, _), (second, _) = kept(12, 0), kept(12, 1)
+    assert set(block) < first and set(block) < second and len(first) == len(second) == 12 and first != second
 
 
 def test_dense_slice_drops_cold_held_out_rows_until_none_is_left(tmp_path):
