@@ -10,6 +10,10 @@ The split is chronological and global: all reviews are sorted by time and cut at
 review is later than every validation review, which is later than every training review.  No future information
 leaks into training or into any history a prompt is built from, as in a real deployment.  Reviews that share a
 timestamp always land in the same split.
+
+The whole file is kept unless a slice is asked for: --max_users N (a random sample of users, sparse histories) or
+--dense_slice N (a dense slice in which every held-out review's user and item have histories, the demo's; see
+dense_slice).  The summary prints, for each split, the rows whose prompts will show a user and an item history.
 """
 import sys
 from pathlib import Path
@@ -89,7 +93,7 @@ parser.add_argument("--max_his", type=int, default=10,
 parser.add_argument("--max_users", type=int, help="keep a random sample of this many users (all their reviews)")
 parser.add_argument("--dense_slice", type=int, metavar="N",
                     help="keep a dense slice of at most N reviews, in which users and items have histories, as in the "
-                         "paper's 5-core data (see dense_slice; the demo's: 320)")
+                         "paper's 5-core data (see dense_slice; run_all.sh's demo: 345)")
 parser.add_argument("--seed", type=int, default=0, help="for --max_users and --dense_slice")
 parser.add_argument("--split", type=split_fractions, default="0.8,0.1,0.1", help="train,valid,test fractions")
 
