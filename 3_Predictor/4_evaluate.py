@@ -142,7 +142,7 @@ def training_curves(path: Path):
             kept = [v for s, v in scored if s == selection["chosen_step"]]
             valid_ax.plot([selection["chosen_step"]] * len(kept), kept, "o", markersize=12, fillstyle="none",
                           color=line.get_color())
-            print(f"  {expert}: validation metric of {len(scored)} candidates, "
+            print(f"  {expert}: validation metric per candidate, "
                   + ", ".join(f"step {s} {v:.4f}" for s, v in scored) + f"; kept step {selection['chosen_step']}")
     rewards = [(x["step"], x["reward"]) for x in logs.get("Reasoner_GRPO", []) if "reward" in x and "step" in x]
     if rewards:

@@ -86,7 +86,7 @@ def test_metrics_of_the_pipeline_and_the_baselines_on_valid_and_test(tmp_path):
     assert "Predictor: training loss over 4 steps, 2.5000 -> 1.2000" in curves
     assert "Summarizer: training loss over 2 steps, 3.0000 -> 2.0000" in curves
     assert "Reasoner_GRPO: training loss" not in curves
-    assert "Predictor: validation metric of 2 candidates, step 2 0.9000, step 4 0.9500; kept step 2" in curves
+    assert "Predictor: validation metric per candidate, step 2 0.9000, step 4 0.9500; kept step 2" in curves
     assert "Reasoner_GRPO: mean reward over 2 steps, -1.5000 -> -0.5000" in curves
     assert (data / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
