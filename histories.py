@@ -54,6 +54,13 @@ class _Group:
         cut = end if time is None else start + int(np.searchsorted(self.times[start:end], time, side="left"))
         return self.rows[max(start, cut - max_his): cut], cut - start, self.cumsum[cut] - self.cumsum[start]
 
+    def any_before(self, keys: pd.Series, times: pd.Series | None) -> np.ndarray:
+        """Whether `before` would find at least one row, for many (key, time) at once: the key's earliest row is
+        before the time (the key has rows at all, where `times` is None)."""
+        first = {key: self.times[start] for key, (start, _) in self.span.items()}
+        earliest = keys.map(first)
+        return earliest.notna().to_numpy() if times is None else (earliest < times).to_numpy()
+
 
 class HistoryIndex:
     """Look up, for any (user, item, time), the histories every prompt is built from.
@@ -94,6 +101,12 @@ class HistoryIndex:
     def for_rows(self, df: pd.DataFrame, before_target: bool = True) -> list[History]:
         return [self(u, i, t, before_target) for u, i, t in zip(df["user_id"], df["item_id"], df["unixReviewTime"])]
 
+    def has_history(self, df: pd.DataFrame, before_target: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Whether each row of `df` has a user history and an item history (`for_rows`'s user_count and item_count
+        above 0), without building them: vectorized, for whole splits."""
+        times = df["unixReviewTime"] if before_target else None
+        return self.users.any_before(df["user_id"], times), self.items.any_before(df["item_id"], times)
+
 
 def load_histories(data: DataArguments, prompt) -> HistoryIndex:
     """The index over the Summarizer's summaries of the training reviews, which every Stage 2 and 3 prompt shows, with
@@ -125,3 +138,32 @@ def load_histories(data: DataArguments, prompt) -> HistoryIndex:
 def text(value) -> str:
     """A summary as text: a missing one (None/NaN) becomes "", never the string "nan"."""
     return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
+
+
+def history_coverage(train: pd.DataFrame, held_out: dict[str, pd.DataFrame],
+                     before_target: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Which rows have a user history and which an item history, as every prompt's histories are looked up
+    (HistoryIndex over the training reviews): {"train": (user, item), <split>: (user, item), ...}, boolean arrays
+    in the rows' order.  A training row's histories are the training reviews before it; a held-out row's, those
+    before it too unless `before_target` is false (prompts.TestPromptArguments.test_history_before_target)."""
+    index = HistoryIndex(train, summary_column="reviews")  # no summary is shown: any text column will do
+    return {split: index.has_history(rows, boundary) for split, rows, boundary in
+            [("train", train, True), *((s, rows, before_target) for s, rows in held_out.items())]}
+
+
+def history_shares(coverage: dict) -> dict:
+    """history_coverage's arrays as counts: {split: {"rows", "with_user_history", "with_item_history", "with_both"}}."""
+    return {split: {"rows": len(user), "with_user_history": int(user.sum()), "with_item_history": int(item.sum()),
+                    "with_both": int((user & item).sum())} for split, (user, item) in coverage.items()}
+
+
+def history_table(coverage: dict) -> str:
+    """The share of each split's rows with a user history, an item history and both, as a printed table."""
+    lines = ["rows with a user / item history (an earlier training review of the same user / item; else the prompt "
+             "shows N/A there):", f"{'split':<7}{'rows':>7}{'user history':>16}{'item history':>16}{'both':>16}"]
+    for split, counts in history_shares(coverage).items():
+        n = counts["rows"]
+        cells = "".join(f"{f'{k:,} ({k / n:.0%})' if n else '-':>16}" for k in
+                        (counts["with_user_history"], counts["with_item_history"], counts["with_both"]))
+        lines.append(f"{split:<7}{n:>7,}{cells}")
+    return "\n".join(lines)

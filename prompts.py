@@ -14,7 +14,8 @@ and an empty history; here they show "N/A" (see README, differences).
 Two more, this project's own, judge the reasons (3_Predictor/5_evaluate_reasons.py); the paper scores reasons with
 GPTScore but does not publish its template, and has no LLM judge:
 
-6. gptscore_prompt  - a fixed instruction and a reason: the user turn whose answer, the real review, GPTScore scores
+6. gptscore_prompt  - a fixed instruction and a reason: the user turn whose answer, the real review, GPTScore scores;
+   gptscore_reverse_prompt, the other direction: the instruction reversed and the real review, answered by the reason
 7. judge_prompt     - a rubric, the real review and a reason -> "Score: N" (1-10), read by judge_score
 
 The settings that shape prompts (the product class, the history length) are recorded with the data on first use
@@ -176,9 +177,18 @@ GPTSCORE_INSTRUCTION = ("Here is an analysis of whether a user will enjoy an ite
                         "Write the review this user wrote for it.")
 
 
+GPTSCORE_REVERSE_INSTRUCTION = ("Here is the review a user wrote of an item. "
+                                "Write an analysis of whether this user will enjoy the item.")
+
+
 def gptscore_prompt(analysis: str) -> str:
     """The user turn to which GPTScore takes the real review as the answer (llm.Expert.loglikelihood)."""
     return f"{GPTSCORE_INSTRUCTION}\n\n### Analysis ###\n{analysis}"
+
+
+def gptscore_reverse_prompt(review: str) -> str:
+    """The user turn to which GPTScore's other direction takes the reason as the answer."""
+    return f"{GPTSCORE_REVERSE_INSTRUCTION}\n\n### Review ###\n{review}"
 
 
 JUDGE_TEMPLATE = """You are grading an analysis that was written, before a user reviewed an item, to anticipate whether the user would enjoy it. Compare it with the review the user actually wrote.

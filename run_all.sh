@@ -2,10 +2,12 @@
 # Runs the whole Reason4Rec pipeline, every numbered step in order, and ends with the evaluation tables: the ratings,
 # then the quality of the reasons.
 #
-#   bash run_all.sh                       the embedded default demo: a slice of real Amazon Musical Instruments
-#                                         reviews ($REVIEWS_FILE, see scripts/demo_reviews.py; downloaded where
-#                                         absent), SmolLM2-135M-Instruct as base model and as local teacher, sizes
-#                                         that finish in about half an hour on a 2-core CPU
+#   bash run_all.sh                       the embedded default demo: a dense slice of real Amazon Musical
+#                                         Instruments reviews, in which every held-out review's user and item have
+#                                         histories (Data/prepare_data.py --dense_slice; the reviews:
+#                                         $REVIEWS_FILE, see scripts/demo_reviews.py; downloaded where absent),
+#                                         SmolLM2-135M-Instruct as base model and as local teacher, sizes that
+#                                         finish in about half an hour on a 2-core CPU
 #   DATASET=X MODEL_PATH=M bash run_all.sh     your prepared dataset (Data/X, see Data/prepare_data.py) and base
 #                                         model, with the official sizes; the teacher from OPENAI_API_KEY etc.
 #
@@ -28,9 +30,11 @@ if [ -z "${DATASET:-}" ]; then
     export MODEL_PATH="${MODEL_PATH:-$R/models/SmolLM2-135M-Instruct}"
     export TEACHER="${TEACHER:-local}" TEACHER_MODEL_PATH="${TEACHER_MODEL_PATH:-$MODEL_PATH}"
     export TEACHER_MAX_TOKENS="${TEACHER_MAX_TOKENS:-64}" TEACHER_BATCH_SIZE="${TEACHER_BATCH_SIZE:-16}"
-    DEMO_USERS="${DEMO_USERS:-40}"
+    # 345: at most 345 reviews, of which seed 0 keeps 283 (225 training, 28 validation, 30 test)
+    DEMO_REVIEWS="${DEMO_REVIEWS:-345}"
     PREPARE_ARGS="${PREPARE_ARGS-"--max_his 5"}"
     SUMMARY_ARGS="${SUMMARY_ARGS-"--sample 24"}"
+    SAMPLE_ARGS="${SAMPLE_ARGS-"--num_samples 20 --num_reward_samples 8"}"  # 20 of the 105 eligible targets
     DISTILL_ARGS="${DISTILL_ARGS-"--max_sample_num 2"}"
     GEN_ARGS="${GEN_ARGS-"--max_new_tokens 64 --batch_size 16"}"
     TRAIN_ARGS="${TRAIN_ARGS-"--num_train_epochs 1 --max_steps 4 --per_device_train_batch_size 4 --warmup_steps 0 --save_strategy steps --save_steps 2"}"
@@ -63,8 +67,8 @@ if [ -n "${DEMO:-}" ]; then  # the demo's own setup
     fi
     if [ ! -f "$DATA/raw_data/train.pkl" ]; then
         RAW="$(python "$R/scripts/demo_reviews.py" --download)"
-        step "prepare a slice of $DEMO_USERS users" python "$R/Data/prepare_data.py" --input "$RAW" --dataset "$DATASET" \
-            --max_users "$DEMO_USERS" ${PREPARE_ARGS:-}
+        step "prepare a dense slice of at most $DEMO_REVIEWS reviews" python "$R/Data/prepare_data.py" --input "$RAW" \
+            --dataset "$DATASET" --dense_slice "$DEMO_REVIEWS" ${PREPARE_ARGS:-}
     else
         echo "== $DATA/raw_data already prepared: not preparing it again"
     fi

@@ -6,20 +6,28 @@ reason should anticipate), on the same test rows for every variant present:
   Reasoner (GRPO)     reason_for_test_by_reasoner_grpo.pkl  (4_GRPO/2, where it has been run)
   Teacher (<model>)   with --with_teacher: the teacher's own reasons for the test targets (the Reasoner's prompt,
                       temperature 0, through the cached teacher client), kept in reason_for_test_by_teacher.pkl
+  No reason (control) the real review after GPTScore's instruction with an empty reason: each variant's
+                      review|reason GPTScore reads as a gain over it
 Metrics (higher is better):
-  GPTScore   the evaluator's (--evaluator_model_path, default $MODEL_PATH, the base model) mean log-likelihood per
-             token of the real review, as the assistant's answer to prompts.gptscore_prompt(reason), this project's
-             template (the paper does not publish its own); llm.Expert.loglikelihood, batched and cached
+  GPTScore   with the real review as its reference, both directions and their mean, as Fu et al. (2023) score
+             against a reference: the evaluator's (--evaluator_model_path, default $MODEL_PATH, the base model) mean
+             log-likelihood per token of the real review as the assistant's answer to prompts.gptscore_prompt(reason)
+             ("review|reason"), of the reason as the answer to prompts.gptscore_reverse_prompt(review)
+             ("reason|review"), and the mean of the two per row ("GPTScore"); this project's templates (the paper
+             publishes neither its template nor its evaluator); llm.Expert.loglikelihood, batched and cached
   ROUGE-L    F1 of the reason against the real review (rouge-score, Porter stemming): a lexical reference
   judge      with --judge: the teacher grades each reason against the real review by prompts.judge_prompt's rubric,
              1-10, temperature 0, cached; an answer without a readable score is counted and left out
-Every pair of variants gets, per metric, the paired bootstrap 95% interval of the mean difference over the rows.
+  tokens     each variant's mean reason length in the evaluator's tokens (the log-likelihoods are per token)
+Every pair of variants gets, per metric, the paired bootstrap 95% interval of the mean difference over the rows, and
+every variant its review|reason gain over no reason.
 BLEURT (the paper's other metric) does not run on this project's stack: the reasons and the references are written,
 one per line, as the original BLEURT reads them (README, "Quality of the reasons").
 
 Test rows without review text have nothing to be compared with: they are left out of every metric, and counted.  An
-empty or missing reason is counted, and scored as the empty text.  A reason file that covers other rows than the
-test set is refused.
+empty or missing reason is counted, and scored as the empty text; it has no tokens to score in the reason|review
+direction, so that direction and the mean leave its row out.  A reason file that covers other rows than the test set
+is refused.
 
 reads   Data/<dataset>/raw_data/test.pkl, the reason files above, [train_summarizer_generation_results.pkl]
 writes  Data/<dataset>/reason_quality.json (with its provenance), bleurt/references.txt,
@@ -41,13 +49,16 @@ import parallel
 from cache import ResultCache
 from histories import load_histories, text
 from llm import load_model
-from prompts import TestPromptArguments, gptscore_prompt, judge_prompt, judge_score, reason_prompt
+from prompts import (TestPromptArguments, gptscore_prompt, gptscore_reverse_prompt, judge_prompt, judge_score,
+                     reason_prompt)
 from utils import (COLUMNS, KEY, atomic_write, fail, matched, paired_interval, parse_args, producer, provenance,
                    read_table, reasons_file, require_model, write_json, write_pickle)
 
 REASON = "reasoner_reply"
 REASONERS = {"Reasoner (SFT)": reasons_file("test", "Reasoner"), "Reasoner (GRPO)": reasons_file("test", "Reasoner_GRPO")}
 TEACHER_REASONS = "reason_for_test_by_teacher.pkl"
+CONTROL = "No reason (control)"
+FORWARD, REVERSE = "GPTScore review|reason", "GPTScore reason|review"
 
 
 @dataclass
@@ -130,11 +141,17 @@ empty = {name: int(sum(not r.strip() for r in reasons)) for name, reasons in var
 evaluator = load_model(evaluator_path, load_in_4bit=quality.load_in_4bit, batch_size=quality.batch_size,
                        cache=ResultCache(args.file("generation_cache.sqlite")))
 scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-scores = {"GPTScore": {}, "ROUGE-L": {}}
+scores = {"GPTScore": {}, FORWARD: {}, REVERSE: {}, "ROUGE-L": {}}
+control = evaluator.loglikelihood([gptscore_prompt("")] * len(references), references, desc=f"GPTScore, {CONTROL}")
+tokens = {}
 for name, reasons in variants.items():
-    scores["GPTScore"][name] = evaluator.loglikelihood([gptscore_prompt(r) for r in reasons], references,
-                                                       desc=f"GPTScore, {name}")
+    forward = evaluator.loglikelihood([gptscore_prompt(r) for r in reasons], references, desc=f"GPTScore, {name}")
+    reverse = evaluator.loglikelihood([gptscore_reverse_prompt(ref) for ref in references], reasons,
+                                      desc=f"GPTScore reversed, {name}")  # NaN for an empty reason: no tokens
+    scores["GPTScore"][name], scores[FORWARD][name], scores[REVERSE][name] = (forward + reverse) / 2, forward, reverse
     scores["ROUGE-L"][name] = np.array([scorer.score(ref, r)["rougeL"].fmeasure for ref, r in zip(references, reasons)])
+    tokens[name] = float(np.mean([len(ids) for ids in evaluator.tokenizer(list(reasons), add_special_tokens=False)
+                                  ["input_ids"]]))
 
 unreadable = {}
 if quality.judge:
@@ -148,14 +165,20 @@ if quality.judge:
 if teacher is not None and main:
     print(teacher.report())
 
-results = {}
+results = {CONTROL: {**{metric: None for metric in scores}, FORWARD: r4(control.mean()), "reason_tokens": 0,
+                     "empty_or_missing": len(references), "rows": len(references)}}
 for name in variants:
     results[name] = {metric: r4(np.nanmean(per[name]) if np.isfinite(per[name]).any() else None)
                      for metric, per in scores.items()}
-    results[name].update(empty_or_missing=empty[name], rows=len(references))
+    results[name].update(reason_tokens=r4(tokens[name]), empty_or_missing=empty[name], rows=len(references))
     if quality.judge:
         results[name]["judge_unreadable"] = unreadable[name]
 comparisons = []
+for name in variants:  # each variant's gain over no reason: the review's likelihood after it, less after none
+    difference = scores[FORWARD][name] - control
+    low, high = paired_interval(difference)
+    comparisons.append({"metric": FORWARD, "method": name, "against": CONTROL, "difference": r4(difference.mean()),
+                        "ci95": [r4(low), r4(high)], "rows": len(difference)})
 for metric, per in scores.items():
     for earlier, later in combinations(variants, 2):  # later variant minus earlier one: > 0 where the later is better
         difference = per[later] - per[earlier]
@@ -167,16 +190,21 @@ for metric, per in scores.items():
 
 if main:
     metrics = list(scores)
-    width = max(24, *(len(name) + 2 for name in variants))
+    width = max(24, *(len(name) + 2 for name in results))
     print(f"\n{args.dataset}: quality of the reasons on {len(references):,} test rows"
           + (f" ({(~scored).sum():,} without review text left out)" if (~scored).any() else ""))
-    print(f"{'variant':<{width}}{'rows':>6}{'empty':>7}" + "".join(f"{m:>10}" for m in metrics) + "   evaluator")
+    print(f"{'variant':<{width}}{'rows':>6}{'empty':>7}{'tokens':>8}"
+          + "".join(f"{m.removeprefix('GPTScore '):>15}" for m in metrics) + "   evaluator")
     for name, result in results.items():
-        cells = "".join(f"{'-' if result[m] is None else format(result[m], '.4f'):>10}" for m in metrics)
-        print(f"{name:<{width}}{result['rows']:>6}{result['empty_or_missing']:>7}{cells}   {evaluator_name}")
-    print(f"GPTScore: mean log-likelihood per token of the real review given the reason, by {evaluator_name}; "
-          f"ROUGE-L: F1 against the real review" + (f"; judge: {teacher_name}, 1-10" if quality.judge else "")
-          + "; empty: empty or missing reasons")
+        cells = "".join(f"{'-' if result[m] is None else format(result[m], '.4f'):>15}" for m in metrics)
+        print(f"{name:<{width}}{result['rows']:>6}{result['empty_or_missing']:>7}{result['reason_tokens']:>8.1f}{cells}"
+              f"   {evaluator_name}")
+    print(f"GPTScore: mean log-likelihood per token, by {evaluator_name} (this project's templates; the paper publishes "
+          f"neither its template nor its evaluator, so these are not the paper's figures), of the real review given "
+          f"the reason (review|reason), of the reason given the review (reason|review), and their mean; {CONTROL}: the "
+          f"review given an empty reason; ROUGE-L: F1 against the real review"
+          + (f"; judge: {teacher_name}, 1-10" if quality.judge else "")
+          + "; tokens: mean reason length in the evaluator's tokens; empty: empty or missing reasons")
     if any(unreadable.values()):
         print(f"judge answers without a readable score (left out): {unreadable}")
     for c in comparisons:
@@ -202,6 +230,7 @@ report = {"dataset": args.dataset, "evaluator": evaluator_name, **({"judge": tea
                    "comparisons": comparisons}}
 settings = {"dataset": args.dataset, "limit": args.limit, "evaluator_model_path": evaluator_path,
             "evaluator_id": evaluator.model_id, "gptscore_prompt": gptscore_prompt("<reason>"),
+            "gptscore_reverse_prompt": gptscore_reverse_prompt("<review>"),
             "rouge": "rougeL F1, Porter stemming", "with_teacher": quality.with_teacher, "judge": quality.judge,
             "teacher": teacher.model if teacher is not None else None, "product_class": prompt.product_class,
             "max_his": prompt.max_his}

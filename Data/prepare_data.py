@@ -12,6 +12,10 @@ The split is chronological and global: all reviews are sorted by time and cut at
 review is later than every validation review, which is later than every training review.  No future information
 leaks into training or into any history a prompt is built from, as in a real deployment.  Reviews that share a
 timestamp always land in the same split.
+
+The whole file is kept unless a slice is asked for: --max_users N (a random sample of users, sparse histories) or
+--dense_slice N (a dense slice in which every held-out review's user and item have histories, the demo's; see
+dense_slice).  The summary prints, for each split, the rows whose prompts will show a user and an item history.
 """
 import sys
 from pathlib import Path
@@ -22,6 +26,7 @@ import argparse
 import ast
 import gzip
 import hashlib
+import heapq
 import json
 import os
 import re
@@ -34,6 +39,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from histories import history_coverage, history_table
 from utils import COLUMNS, fail, read_json, write_json, write_pickle
 
 SPLITS = ("train", "valid", "test")
@@ -88,7 +94,10 @@ parser.add_argument("--max_his", type=int,
                          "value recorded in an existing dataset.json); recorded in dataset.json, where every later "
                          "step reads it")
 parser.add_argument("--max_users", type=int, help="keep a random sample of this many users (all their reviews)")
-parser.add_argument("--seed", type=int, default=0, help="for --max_users")
+parser.add_argument("--dense_slice", type=int, metavar="N",
+                    help="keep a dense slice of at most N reviews, in which users and items have histories, as in the "
+                         "paper's 5-core data (see dense_slice; run_all.sh's demo: 345)")
+parser.add_argument("--seed", type=int, default=0, help="for --max_users and --dense_slice")
 parser.add_argument("--split", type=split_fractions, default="0.8,0.1,0.1", help="train,valid,test fractions")
 parser.add_argument("--overwrite", action="store_true",
                     help="replace the splits of an existing Data/<dataset>/ (its dataset.json is updated, not rewritten)")
@@ -219,12 +228,62 @@ def sample_users(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     return kept
 
 
+def dense_slice(df: pd.DataFrame, n: int, seed: int, fractions: list[float]) -> pd.DataFrame:
+    """At most `n` reviews in which most rows have a user and an item history, chosen from who reviewed what and when,
+    never from the ratings or the texts:
+
+    1. the densest part: drop the user or item with the fewest reviews left, one at a time (ties in a random order
+       drawn from `seed`), until at most `n` reviews remain: the greedy peeling that finds k-cores and dense subgraphs;
+    2. warm held-out rows: split that part by time (split_by_time) and drop the users and items with no review in its
+       training split, which have validation or test reviews only, again until there are none (dropping reviews moves
+       the cut times).  Every validation and test review then has an earlier review of its user and of its item, as
+       the histories of every prompt look for (histories.HistoryIndex); a training review has one where it is not its
+       user's (item's) first."""
+    users, user_of = np.unique(df["user_id"].to_numpy(dtype=str), return_inverse=True)
+    items, item_of = np.unique(df["item_id"].to_numpy(dtype=str), return_inverse=True)
+    ends = np.stack([user_of, len(users) + item_of], axis=1)  # each review's two nodes: its user and its item
+    degree = np.bincount(ends.ravel(), minlength=len(users) + len(items))
+    order = np.argsort(ends.ravel(), kind="stable") // 2
+    reviews_of = np.split(order, np.cumsum(degree)[:-1])  # node -> its reviews
+    tie = np.random.default_rng(seed).permutation(len(degree))
+    heap = [(d, t, node) for node, (d, t) in enumerate(zip(degree.tolist(), tie.tolist()))]
+    heapq.heapify(heap)
+    kept, left = np.ones(len(df), bool), len(df)
+    while left > n:
+        d, _, node = heapq.heappop(heap)
+        if d != degree[node]:  # an outdated entry: the node has lost reviews since
+            continue
+        for review in reviews_of[node][kept[reviews_of[node]]]:
+            kept[review], left = False, left - 1
+            other = ends[review].sum() - node
+            degree[other] -= 1
+            heapq.heappush(heap, (int(degree[other]), int(tie[other]), other))
+        degree[node] = -1  # gone
+    part = df[kept]
+    advice = (f"--dense_slice {n} --seed {seed} left too few reviews once the held-out reviews of users and items "
+              f"without a training review were dropped; ask for more (a larger --dense_slice) or another --seed")
+    while True:
+        if part.empty:
+            fail(f"no review is left: {advice}")
+        train = split_by_time(part, fractions, advice)[0]["train"]
+        warm = part["user_id"].isin(train["user_id"]) & part["item_id"].isin(train["item_id"])
+        if warm.all():
+            break
+        part = part[warm]
+    part = part.reset_index(drop=True)
+    print(f"--dense_slice {n} --seed {seed}: kept {part['user_id'].nunique():,} of {len(users):,} users, "
+          f"{part['item_id'].nunique():,} of {len(items):,} items, {len(part):,} of {len(df):,} reviews")
+    return part
+
+
 def date(seconds: int) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def split_by_time(df: pd.DataFrame, fractions: list[float]) -> tuple[dict, list[int]]:
-    """Train, valid and test (see the module docstring), and the two cut timestamps."""
+def split_by_time(df: pd.DataFrame, fractions: list[float],
+                  advice: str = "use more reviews or other --split fractions") -> tuple[dict, list[int]]:
+    """Train, valid and test (see the module docstring), and the two cut timestamps; `advice`: what to do where a
+    split would be empty."""
     df = df.sort_values("unixReviewTime", kind="stable", ignore_index=True)
     times = df["unixReviewTime"].to_numpy()
     positions = np.round(np.cumsum(fractions[:2]) * len(times)).astype(int)
@@ -235,7 +294,7 @@ def split_by_time(df: pd.DataFrame, fractions: list[float]) -> tuple[dict, list[
         if part.empty:
             fail(f"the {name} split would be empty: {len(df):,} reviews from {date(times[0])} to {date(times[-1])}, "
                  f"cut at {date(cuts[0])} and {date(cuts[1])} (reviews sharing a timestamp stay in one split); "
-                 f"use more reviews or other --split fractions")
+                 f"{advice}")
     return splits, cuts
 
 
@@ -296,8 +355,11 @@ def main():
         refuse_to_replace(target)
     recorded = read_json(target / "dataset.json") if (target / "dataset.json").exists() else {}
     keep_recorded(target / "dataset.json", recorded, args)
-    if args.max_users is not None and args.max_users < 1:
-        fail(f"--max_users must be at least 1, not {args.max_users}")
+    for flag, value in (("--max_users", args.max_users), ("--dense_slice", args.dense_slice)):
+        if value is not None and value < 1:
+            fail(f"{flag} must be at least 1, not {value}")
+    if args.max_users is not None and args.dense_slice is not None:
+        fail("--max_users and --dense_slice are two ways to cut a slice: pass one of them")
     for flag, path in (("--input", args.input), ("--meta", args.meta)):
         if path is not None and not path.is_file():
             fail(f"{flag} file {path} not found")
@@ -306,6 +368,8 @@ def main():
     print(f"read {len(df):,} reviews ({fmt}): {df['user_id'].nunique():,} users, {df['item_id'].nunique():,} items")
     if args.max_users is not None:
         df = sample_users(df, args.max_users, args.seed)
+    if args.dense_slice is not None:
+        df = dense_slice(df, args.dense_slice, args.seed, args.split)
 
     items = set(df["item_id"])
     titles = read_titles(args.meta, items) if args.meta else {}
@@ -332,6 +396,7 @@ def main():
         "format": fmt,
         "split": {"rule": SPLIT_RULE, "fractions": args.split, "cut_times": cuts, "cut_dates": [date(t) for t in cuts]},
         "max_users": args.max_users,
+        "dense_slice": args.dense_slice,
         "seed": args.seed,
         "splits": {name: counts(part) for name, part in splits.items()},
         "total": counts(df),
@@ -347,6 +412,7 @@ def main():
         times = part["unixReviewTime"]
         print(f"{name:<6}{len(part):>10,}{part['user_id'].nunique():>8,}{part['item_id'].nunique():>8,}  "
               f"{date(times.iloc[0])} .. {date(times.iloc[-1])}")
+    print(history_table(history_coverage(splits["train"], {s: splits[s] for s in SPLITS[1:]})))
 
 
 if __name__ == "__main__":

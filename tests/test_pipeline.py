@@ -39,6 +39,17 @@ def test_run_all_runs_every_step_and_prints_the_table(finished):
                                .read_text())
         assert selection["chosen"] in [c["candidate"] for c in selection["candidates"]]
     assert (root / "Data" / DATASET / "predictions.png").stat().st_size > 1000
+    # what the prompts carried, per split, and the training curves from the trainers' own logs
+    assert set(metrics["history"]) == {"train", "valid", "test"}
+    assert metrics["history"]["test"]["rows"] - metrics["history"]["test"]["with_user_history"] == \
+        metrics["test"]["rows_without_user_history"] > 0  # the committed slice is sparse: "N/A" prompts
+    curves = out[out.index("training curves"):]
+    for expert in ("Summarizer", "reason_reward_model", "Reasoner", "Predictor", "Direct_Predictor"):
+        assert f"{expert}: training loss over 2 steps" in curves
+    for expert in ("reason_reward_model", "Predictor", "Direct_Predictor", "Reasoner_GRPO"):
+        assert f"{expert}: validation metric per candidate, step " in curves
+    assert "Reasoner_GRPO: mean reward over 2 steps" in curves
+    assert (root / "Data" / DATASET / "training_curves.png").stat().st_size > 1000
 
 
 def test_every_stage_writes_the_official_files_and_columns(finished):

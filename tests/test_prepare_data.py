@@ -3,6 +3,7 @@ Instruments 5-core file, tests/fixtures/make_review_slice.py), on small files in
 (one clear message, no partial dataset)."""
 import gzip
 import json
+import re
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -112,7 +113,81 @@ def test_real_max_users_is_an_exact_deterministic_sample(tmp_path):
     assert set(everything(other_seed)["user_id"]) != set(everything(runs[0][0])["user_id"])
 
 
+def with_history(splits) -> dict:
+    """The rows of each split with a user / item history, by the pipeline's own lookup."""
+    from histories import history_coverage, history_shares
+
+    return history_shares(history_coverage(splits["train"], {s: splits[s] for s in SPLITS[1:]}))
+
+
+def test_real_dense_slice_gives_every_held_out_row_both_histories_and_is_deterministic(tmp_path):
+    runs = [prepared(tmp_path / str(i), "MI", "--input", REAL, "--dense_slice", 150, "--seed", 1) for i in range(2)]
+    splits, info, stdout = runs[0]
+    df, whole = everything(splits), everything(prepared(tmp_path / "whole", "MI", "--input", REAL)[0])
+    assert 0 < len(df) <= 150 and info["dense_slice"] == 150 and info["total"]["rows"] == len(df)
+    assert len(df.merge(whole, on=COLUMNS)) == len(df)  # whole reviews of the file, unchanged
+    assert len(df) / df["item_id"].nunique() > len(whole) / whole["item_id"].nunique()  # denser than the file
+    shares = with_history(splits)
+    for split in ("valid", "test"):
+        assert shares[split]["with_both"] == shares[split]["rows"] == len(splits[split]) > 0
+    for split, counts in shares.items():  # the summary prints the same shares
+        assert re.search(rf"\n{split} +{counts['rows']} +{counts['with_user_history']} \(\d+%\) +"
+                         rf"{counts['with_item_history']} \(\d+%\) +{counts['with_both']} \(", stdout), split
+    assert file_bytes(tmp_path / "0" / "MI") == file_bytes(tmp_path / "1" / "MI")
+    other_seed, _, _ = prepared(tmp_path / "2", "MI", "--input", REAL, "--dense_slice", 150, "--seed", 2)
+    assert set(everything(other_seed)["user_id"]) != set(df["user_id"])
+
+
+def test_real_dense_slice_too_sparse_to_keep_warm_held_out_rows_says_what_to_do(tmp_path):
+    """The file's 60 users are a random sample: dropping the held-out reviews without histories moves the cut times
+    again and again until, with this seed, no validation review is left."""
+    run = prepare(tmp_path / "data", "--dataset", "x", "--input", REAL, "--dense_slice", 200, "--seed", 0)
+    assert run.returncode == 1 and run.stderr.count("error:") == 1 and "Traceback" not in run.stderr
+    assert "split would be empty" in run.stderr and "a larger --dense_slice) or another --seed" in run.stderr
+    assert not (tmp_path / "data").exists()
+
+
 # ---------------------------------------------------------------------------------------------- small files
+def reviews(pairs) -> list[dict]:
+    """Amazon 2014 records of (user, item) pairs, one day apart in this order."""
+    return [{**record, "reviewerID": user, "asin": item}
+            for record, (user, item) in zip(amazon2014(len(pairs)), pairs)]
+
+
+def test_dense_slice_peels_the_least_reviewed_users_and_items_first(tmp_path):
+    """Six one-off reviews (new users of new items), then three users who each reviewed the same three items: a slice
+    of 9 is the block, whatever the seed; a slice of 12 keeps the block and three one-off reviews, which ones drawn
+    from the seed.  (The one-off reviews come first, in the training split: the warm step alone would keep them.)"""
+    one_off = [(f"X{i}", f"C{i}") for i in range(6)]
+    block = [(f"U{(i + d) % 3}", f"B{i}") for d in range(3) for i in range(3)]
+    file = jsonl(tmp_path / "r.json", reviews(one_off + block))
+
+    def kept(n, seed):
+        splits, _, stdout = prepared(tmp_path / f"{n}-{seed}", "x", "--input", file, "--dense_slice", n, "--seed", seed)
+        return set(zip(everything(splits)["user_id"], everything(splits)["item_id"])), stdout
+
+    assert len(kept(15, 0)[0]) == 15  # nothing to peel, and every held-out review is warm
+    for seed in (0, 1):
+        pairs, stdout = kept(9, seed)
+        assert pairs == set(block) and "kept 3 of 9 users, 3 of 9 items, 9 of 15 reviews" in stdout
+    (first, _), (second, _) = kept(12, 0), kept(12, 1)
+    assert set(block) < first and set(block) < second and len(first) == len(second) == 12 and first != second
+
+
+def test_dense_slice_drops_cold_held_out_rows_until_none_is_left(tmp_path):
+    """Ten reviews: the test review's user (D) has no earlier one, so it goes; the cut times move, and C's only
+    review, a training review before, is a validation review now, without a history: it goes too.  One pass would
+    have kept it."""
+    pairs = [("A", "X"), ("B", "Y"), ("A", "Y"), ("B", "X"), ("A", "X"), ("B", "Y"), ("A", "Y"), ("C", "X"), ("A", "X"),
+             ("D", "Y")]
+    splits, _, _ = prepared(tmp_path / "data", "x", "--input", jsonl(tmp_path / "r.json", reviews(pairs)),
+                            "--dense_slice", 10)
+    assert [len(splits[s]) for s in SPLITS] == [6, 1, 1]
+    assert set(everything(splits)["user_id"]) == {"A", "B"}
+    shares = with_history(splits)
+    assert shares["valid"]["with_both"] == shares["test"]["with_both"] == 1
+
+
 def test_amazon2014_with_python_literal_meta(tmp_path):
     reviews = jsonl(tmp_path / "reviews_Musical_Instruments_5.json", amazon2014())
     meta = write_lines(tmp_path / "meta_Musical_Instruments.json", [
@@ -230,6 +305,11 @@ BAD = {  # name: (write the input file, extra arguments, expected message)
     "empty input": (lambda p: p.write_bytes(b""), [], "is empty"),
     "empty split": (lambda p: jsonl(p, amazon2014(times=[5] * 10)), [], "the train split would be empty"),
     "wrong meta": (lambda p: jsonl(p, amazon2014()), ["--meta", SCRIPT], "neither JSON nor a Python dict literal"),
+    "two slices": (lambda p: jsonl(p, amazon2014()), ["--max_users", "2", "--dense_slice", "5"],
+                   "--max_users and --dense_slice are two ways to cut a slice: pass one of them"),
+    "empty dense slice": (lambda p: jsonl(p, amazon2014()), ["--dense_slice", "0"], "--dense_slice must be at least 1"),
+    "no warm slice": (lambda p: jsonl(p, [{**r, "reviewerID": f"U{i}"} for i, r in enumerate(amazon2014())]),
+                      ["--dense_slice", "10"], "ask for more (a larger --dense_slice) or another --seed"),
 }
 
 

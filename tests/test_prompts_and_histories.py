@@ -101,3 +101,18 @@ def test_histories_from_the_whole_table_when_asked_as_the_authors_original_test_
     users = log[log.user_id == row.user_id].sort_values("unixReviewTime", kind="stable")
     assert [r.summary for r in h.user] == users["aspect_preference_summary"].tail(10).tolist()
     assert h.user_avg == pytest.approx(users["ratings"].mean()) and h.user_count == len(users)
+
+
+def test_has_history_is_what_the_lookup_finds_for_whole_splits():
+    """The vectorized check that counts the rows with a user / item history (data preparation, evaluation) agrees
+    with the per-row lookup the prompts are built from: ties in time (no history at the same time), unseen users and
+    items, both boundaries."""
+    log = review_log()
+    index = HistoryIndex(log)
+    targets = pd.concat([review_log(n=200, users=20, items=30, seed=3), log]).reset_index(drop=True)
+    for before_target in (True, False):
+        found = index.for_rows(targets, before_target)
+        user, item = index.has_history(targets.set_axis(targets.index[::-1]), before_target)  # any index labels
+        assert user.tolist() == [h.user_count > 0 for h in found]
+        assert item.tolist() == [h.item_count > 0 for h in found]
+        assert 0 < user.sum() < len(targets) and 0 < item.sum() < len(targets)

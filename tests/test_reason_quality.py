@@ -10,7 +10,7 @@ import pytest
 
 import llm
 from conftest import DATASET, pipeline_env, run
-from prompts import gptscore_prompt, judge_score
+from prompts import gptscore_prompt, gptscore_reverse_prompt, judge_score
 from utils import COLUMNS, paired_interval
 
 SMOLLM2 = Path(__file__).resolve().parents[1] / "models" / "SmolLM2-135M-Instruct"
@@ -98,6 +98,26 @@ def test_bootstrap_intervals_are_reproducible_with_a_fixed_seed():
     assert paired_interval(differences, seed=1) != (low, high)
 
 
+def test_bootstrap_draws_its_resamples_in_chunks_with_the_interval_of_all_at_once():
+    """10,000 resamples of 2,001 rows drawn at once hold 320 MB (the values and their indices); a test set of 10,000
+    rows, 1.6 GB.  In chunks, memory stays at a few MB whatever the rows, and the interval is the same."""
+    import tracemalloc
+
+    from scipy.stats import bootstrap
+
+    differences = np.random.default_rng(2).normal(0.1, 1.0, size=2_001)  # the last chunk is a partial one
+    tracemalloc.start()
+    try:
+        interval = paired_interval(differences)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2 ** 20, f"{peak / 2 ** 20:.0f} MB"
+    at_once = bootstrap((differences,), np.mean, n_resamples=10_000, method="percentile",
+                        rng=np.random.default_rng(0)).confidence_interval
+    assert interval == (float(at_once.low), float(at_once.high))
+
+
 def test_judge_scores_are_read_robustly():
     assert judge_score("Score: 7\nIt anticipates the buzzing.") == 7
     assert judge_score("**Score:** 9/10") == 9 and judge_score("score = 3") == 3
@@ -148,6 +168,40 @@ def test_empty_or_missing_reasons_are_counted_and_scored(tmp_path, tiny_model):
         ["", "", "The user will like the bright tone.", ""]
 
 
+def test_gptscore_both_directions_their_mean_the_no_reason_control_and_the_lengths(tmp_path, tiny_model):
+    """reason_quality.json's GPTScore figures, recomputed here from the evaluator: the review given the reason, the
+    reason given the review (an empty reason has no tokens: left out there and in the mean), the mean of the two per
+    row, the review given an empty reason (the control, and each variant's gain over it), and the reasons' lengths."""
+    reasons = ["The user will like the bright tone.", "", "A weak clamp that buzzes.", "Solid, folds flat."]
+    data = toy(tmp_path, reasons)
+    out = run(SCRIPT, "--dataset", "toy", "--product_class", "Capo", cwd=tmp_path, env=pipeline_env(tiny_model)).stdout
+    report = json.loads((data / "reason_quality.json").read_text())
+    evaluator, reviews = llm.load_model(tiny_model), pd.read_pickle(data / "raw_data" / "test.pkl")["reviews"].tolist()
+    forward = evaluator.loglikelihood([gptscore_prompt(r) for r in reasons], reviews)
+    reverse = evaluator.loglikelihood([gptscore_reverse_prompt(r) for r in reviews], reasons)
+    control = evaluator.loglikelihood([gptscore_prompt("")] * 4, reviews)
+    assert np.isnan(reverse[1]) and np.isfinite(np.delete(reverse, 1)).all()
+    lengths = [len(evaluator.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in reasons]
+    results = report["test"]["results"]
+    assert list(results) == ["No reason (control)", "Reasoner (SFT)"]
+    sft, none = results["Reasoner (SFT)"], results["No reason (control)"]
+    expected = {"GPTScore review|reason": forward.mean(), "GPTScore reason|review": np.nanmean(reverse),
+                "GPTScore": np.nanmean((forward + reverse) / 2), "reason_tokens": np.mean(lengths)}
+    for key, value in expected.items():
+        assert sft[key] == pytest.approx(value, abs=1e-4), key
+    assert none["GPTScore review|reason"] == pytest.approx(control.mean(), abs=1e-4)
+    assert none["GPTScore"] is none["GPTScore reason|review"] is none["ROUGE-L"] is None and none["reason_tokens"] == 0
+    gain, = [c for c in report["test"]["comparisons"] if c["against"] == "No reason (control)"]
+    assert gain["metric"] == "GPTScore review|reason" and gain["method"] == "Reasoner (SFT)"
+    assert gain["difference"] == pytest.approx((forward - control).mean(), abs=1e-4)
+    assert gain["ci95"][0] <= gain["difference"] <= gain["ci95"][1]
+    assert report["provenance"]["settings"]["gptscore_reverse_prompt"] == gptscore_reverse_prompt("<review>")
+    header = out[out.index("quality of the reasons"):].splitlines()[1]
+    assert header.split() == ["variant", "rows", "empty", "tokens", "GPTScore", "review|reason", "reason|review",
+                              "ROUGE-L", "evaluator"]
+    assert "the paper publishes neither its template nor its evaluator" in out
+
+
 def test_the_step_on_a_finished_pipeline(finished, tmp_path, tiny_model):
     """Both Reasoner files present (a GRPO file copying the real reviews, as a known-best variant), the tables,
     reason_quality.json and the BLEURT inputs; a rerun gives the same bytes (cached scores, seeded bootstrap)."""
@@ -162,7 +216,8 @@ def test_the_step_on_a_finished_pipeline(finished, tmp_path, tiny_model):
     n = len(test)
     assert report["dataset"] == DATASET and report["evaluator"] == Path(tiny_model).name and report["test"]["rows"] == n
     results = report["test"]["results"]
-    assert set(results) == {"Reasoner (SFT)", "Reasoner (GRPO)"} and "judge" not in results["Reasoner (SFT)"]
+    assert list(results) == ["No reason (control)", "Reasoner (SFT)", "Reasoner (GRPO)"]
+    assert "judge" not in results["Reasoner (SFT)"]
     assert results["Reasoner (GRPO)"]["ROUGE-L"] == 1.0 > results["Reasoner (SFT)"]["ROUGE-L"]
     empty = int((pd.read_pickle(data / "reason_for_test_by_reasoner.pkl")["reasoner_reply"].fillna("").str.strip()
                  == "").sum())
@@ -170,7 +225,10 @@ def test_the_step_on_a_finished_pipeline(finished, tmp_path, tiny_model):
     assert all(r["rows"] == n for r in results.values())
     comparisons = report["test"]["comparisons"]
     assert [(c["metric"], c["method"], c["against"]) for c in comparisons] == [
-        ("GPTScore", "Reasoner (GRPO)", "Reasoner (SFT)"), ("ROUGE-L", "Reasoner (GRPO)", "Reasoner (SFT)")]
+        ("GPTScore review|reason", "Reasoner (SFT)", "No reason (control)"),
+        ("GPTScore review|reason", "Reasoner (GRPO)", "No reason (control)"),
+        *((metric, "Reasoner (GRPO)", "Reasoner (SFT)") for metric in
+          ("GPTScore", "GPTScore review|reason", "GPTScore reason|review", "ROUGE-L"))]
     assert all(c["ci95"][0] <= c["difference"] <= c["ci95"][1] and c["rows"] == n for c in comparisons)
     assert report["provenance"]["inputs"].keys() >= {str(Path("Data") / DATASET / "reason_for_test_by_reasoner.pkl")}
     assert "quality of the reasons" in out and "Reasoner (GRPO)" in out and "paired bootstrap 95% interval" in out
@@ -199,13 +257,15 @@ def test_with_teacher_asks_the_http_teacher_once_and_a_rerun_asks_nothing(finish
     asked = server.received - received
     assert asked == n + report["test"]["rows"] and server.repeated == repeated
     teacher = "Teacher (gpt-3.5-turbo)"
-    assert set(report["test"]["results"]) == {"Reasoner (SFT)", "Reasoner (GRPO)", teacher}
+    assert set(report["test"]["results"]) == {"No reason (control)", "Reasoner (SFT)", "Reasoner (GRPO)", teacher}
     assert report["judge"] == "gpt-3.5-turbo"
-    for result in report["test"]["results"].values():
-        assert 1 <= result["judge"] <= 10 and result["judge_unreadable"] == 0
+    for name, result in report["test"]["results"].items():
+        if name != "No reason (control)":  # not judged: it has no reason
+            assert 1 <= result["judge"] <= 10 and result["judge_unreadable"] == 0
     reasons = pd.read_pickle(data / "reason_for_test_by_teacher.pkl")["reasoner_reply"]
     assert len(reasons) == n and reasons.str.startswith("Given the user's focus").all()
-    assert {c["metric"] for c in report["test"]["comparisons"]} == {"GPTScore", "ROUGE-L", "judge"}
+    assert {c["metric"] for c in report["test"]["comparisons"]} == {
+        "GPTScore", "GPTScore review|reason", "GPTScore reason|review", "ROUGE-L", "judge"}
     before = (data / "reason_quality.json").read_bytes()
     run(SCRIPT, "--with_teacher", "--judge", cwd=work, env=env)
     assert server.received - received == asked and (data / "reason_quality.json").read_bytes() == before
