@@ -12,7 +12,8 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from utils import COLUMNS, KEY, DataArguments, atomic_write, fail, producer, read_pickle, read_table
+from settings import DataArguments, read_table
+from utils import COLUMNS, KEY, atomic_write, fail, producer, read_pickle
 
 SUMMARY = "aspect_preference_summary"  # the Summarizer's summaries, the column every history shows
 HISTORY_TABLE = "train_summarizer_generation_results.pkl"

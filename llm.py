@@ -20,7 +20,8 @@ from pathlib import Path
 import parallel
 from cache import ResultCache
 from prompts import RATING_PREFIX
-from utils import DataArguments, fail, require_model
+from settings import DataArguments, ModelPlaces
+from utils import fail, require_model
 
 
 def backend() -> str:
@@ -41,16 +42,10 @@ from tqdm.auto import tqdm  # noqa: E402
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(ModelPlaces):
     adapter_path: str | None = field(default=None, metadata={
         "help": "the expert's LoRA adapter (default: what its *_train.sh writes, "
                 "<checkpoint_dir>/<dataset>/<Expert>/final_checkpoint)"})
-    checkpoint_dir: str = field(default_factory=lambda: os.environ.get("CHECKPOINT_DIR", "checkpoints"), metadata={
-        "help": "where the *_train.sh scripts write the adapters (default: $CHECKPOINT_DIR, else checkpoints)"})
-    model_path: str | None = field(default=None, metadata={
-        "help": "the base model, where the adapter's own record of it is out of date (else $MODEL_PATH serves where "
-                "that record is not a model folder here)"})
-    load_in_4bit: str = field(default="auto", metadata={"help": "true/false; auto: on a CUDA GPU"})
     batch_size: int = field(default=8, metadata={"help": "prompts per forward pass"})
     max_new_tokens: int = field(default=1024, metadata={"help": "longest generated answer"})
     double_bos: bool = field(default=False, metadata={

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 
 from histories import History, Review
-from utils import recorded
+from settings import recorded
 
 MISSING = "N/A"
 RATING_PREFIX = "Predicted Rating: "

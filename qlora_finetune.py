@@ -28,26 +28,22 @@ from trl import SFTConfig, SFTTrainer
 
 import training
 from training import ShowBatch, finish, keep_global_batch, rating_mae, resumable_checkpoint
-from utils import DataArguments, fail, provenance, read_pickle, sha256
+from settings import DataArguments, ModelPlaces
+from utils import fail, provenance, read_pickle, sha256
 
 
 @dataclass
-class FinetuneArguments:
+class FinetuneArguments(ModelPlaces):
     expert: str | None = field(default=None, metadata={
         "help": "the expert's name: its adapter goes to <checkpoint_dir>/<dataset>/<expert>"})
     train_data: str | None = field(default=None, metadata={
         "help": "the SFT pickle (a list of {'messages': [user, assistant]}): a file name under <data_dir>/<dataset>, "
                 "or a path"})
-    model_path: str | None = field(default_factory=lambda: os.environ.get("MODEL_PATH"), metadata={
-        "help": "the base model (default: $MODEL_PATH)"})
-    checkpoint_dir: str = field(default_factory=lambda: os.environ.get("CHECKPOINT_DIR", "checkpoints"), metadata={
-        "help": "where adapters are written (default: $CHECKPOINT_DIR, else checkpoints)"})
     max_len: int = field(default=4096, metadata={"help": "max tokens per example"})
     lora_rank: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     target_modules: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    load_in_4bit: str = field(default="auto", metadata={"help": "true/false; auto: on a CUDA GPU (QLoRA)"})
     tune_last_layer: bool = field(default=False, metadata={"help": "also train (and save) lm_head"})
     save_lm_head: bool = field(default=True, metadata={
         "help": "false: train lm_head but leave it out of the saved adapter, as the official trainer did (its "
@@ -101,6 +97,7 @@ def to_dataset(examples: list, mask_loss: bool) -> Dataset:
 
 def parse(argv=None):
     data, args, config = training.parse((FinetuneArguments, SFTConfig), argv, save_strategy="epoch")
+    args.model_path = args.model_path or os.environ.get("MODEL_PATH")
     if not args.model_path or not Path(args.model_path, "config.json").exists():
         fail(f"--model_path {args.model_path!r} is not a model folder (set MODEL_PATH or pass --model_path)")
     args.model_path = str(Path(args.model_path).resolve())  # recorded in the adapter as its base model

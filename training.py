@@ -20,7 +20,8 @@ import llm
 import parallel
 from cache import ResultCache
 from prompts import RATING_PREFIX
-from utils import DataArguments, checked_args, fail, read_json, read_pickle, write_json
+from settings import DataArguments, checked_args
+from utils import fail, read_json, read_pickle, write_json
 
 
 def parse(dataclass_types, argv=None, **defaults):

@@ -1,8 +1,10 @@
-"""What every numbered script needs first: its arguments, the dataset's recorded settings, and checked reads and
-atomic writes of the files that the steps pass to each other (with the provenance of what they made).
+"""The files the steps pass to each other: their names (and which step writes each), checked reads (pickles through
+a restricted unpickler), atomic writes and the provenance of what a step made; and how a step stops (`fail`, and
+Ctrl-C / SIGTERM while it waits on others).
 
 The steps talk through files under Data/<dataset>/ (DATA_DIR, DATASET) and adapters under
 checkpoints/<dataset>/<Expert>/ (CHECKPOINT_DIR); a missing or damaged input names the step that writes it.
+Arguments and recorded settings: settings.py.
 """
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ import sys
 import tempfile
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
 
@@ -117,132 +118,6 @@ def stop_signals():
 def exit_stopped(stop: Stop, message: str):
     print(f"\nstopped by {stop}: {message}", file=sys.stderr, flush=True)
     raise SystemExit(128 + stop.signum)  # the shell's convention: 130 after SIGINT, 143 after SIGTERM
-
-
-# ----------------------------------------------------------------------------------------------- arguments
-@dataclass
-class DataArguments:
-    dataset: str | None = field(default_factory=lambda: os.environ.get("DATASET"), metadata={
-        "help": "the dataset: its folder under --data_dir (default: $DATASET)"})
-    data_dir: str = field(default_factory=lambda: os.environ.get("DATA_DIR", "Data"), metadata={
-        "help": "the folder that holds one folder per dataset (default: $DATA_DIR, else Data)"})
-    limit: int | None = field(default=None, metadata={"help": "only the first N rows of the input, for quick runs"})
-    sample: int | None = field(default=None, metadata={
-        "help": "a random sample of N rows of the input (in the sampled order), e.g. the Summarizer's 8,000 training "
-                "summaries of the authors' original code: --sample 8000 --sample_seed 42"})
-    sample_seed: int = field(default=42, metadata={"help": "the seed of --sample (pandas' random_state)"})
-
-    @property
-    def path(self) -> Path:
-        if not self.dataset:
-            fail("no dataset given: pass --dataset NAME or set DATASET")
-        return Path(self.data_dir) / self.dataset
-
-    def file(self, name: str) -> Path:
-        return self.path / name
-
-
-class Recorded:
-    """The default of a setting that shapes prompts (see `recorded`): what the first step records where the command
-    line gives nothing; a value, or a function of the DataArguments."""
-
-    def __init__(self, first_use=None):
-        self.first_use = first_use
-
-    def __repr__(self):
-        return "the value recorded in dataset.json"
-
-
-def recorded(first_use=None, help: str = ""):
-    """A setting that shapes prompts.  Its value is recorded in Data/<dataset>/dataset.json by the first step that uses
-    it (`first_use` where the command line gives none), and every later step uses the recorded value: one that asks
-    for another is refused, so that training and test prompts can never silently differ."""
-    return field(default=Recorded(first_use), metadata={"help": help})
-
-
-def parse_args(*dataclass_types, args=None, data_parallel: bool = False):
-    """Parse the command line into DataArguments and the given dataclasses (TRL-style), resolve the recorded settings
-    (see `recorded`), and, for a step that runs a model (`data_parallel`), relaunch it on NUM_GPUS processes."""
-    from transformers import HfArgumentParser
-
-    if data_parallel:
-        parallel.relaunch()
-    parser = HfArgumentParser((DataArguments, *dataclass_types))
-    return checked_args(parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True))
-
-
-def checked_args(parsed_and_unknown) -> list:
-    """What a parser returned (DataArguments, the other dataclasses, the strings it did not know), checked: an option
-    the step does not take is refused, and the recorded settings (see `recorded`) are resolved."""
-    *parsed, unknown = parsed_and_unknown
-    if unknown:
-        fail(f"{Path(sys.argv[0]).name} does not take {' '.join(unknown)}; --help lists what it takes")
-    resolve_recorded(*parsed)
-    return parsed
-
-
-_pending_records: dict[Path, dict] = {}  # settings to record, written with the step's first output pickle
-
-
-def resolve_recorded(data: DataArguments, *objs):
-    """Fill in the recorded settings (see `recorded`) of the parsed dataclasses `objs`."""
-    for obj in objs:
-        _resolve_recorded(data, obj)
-
-
-def _resolve_recorded(data: DataArguments, obj):
-    if not any(isinstance(f.default, Recorded) for f in fields(obj)):
-        return
-    path = data.file("dataset.json")
-    info = {**(read_json(path) if path.exists() else {}), **_pending_records.get(path, {})}
-    new = {}
-    for f in fields(obj):
-        if not isinstance(f.default, Recorded):
-            continue
-        given, saved = getattr(obj, f.name), info.get(f.name)
-        given = None if isinstance(given, Recorded) else given
-        if saved is not None and given is not None and given != saved:
-            fail(f"--{f.name} {given!r} differs from the {saved!r} recorded in {path}: every step of a dataset must "
-                 f"build its prompts alike. Leave --{f.name} out to use the recorded value, or start over with this "
-                 f"value in a fresh dataset folder (prepare it again under another --dataset name).")
-        if saved is None:
-            first_use = f.default.first_use
-            saved = given if given is not None else first_use(data) if callable(first_use) else first_use
-            if saved is None:
-                fail(f"{path} records no {f.name}: pass --{f.name} (it is recorded there for the later steps)")
-            new[f.name] = saved
-        setattr(obj, f.name, saved)
-    if new:  # recorded once the step writes an output: a step that fails first has used nothing
-        _pending_records.setdefault(path, {}).update(new)
-
-
-def _write_pending_records():
-    while _pending_records:
-        path, new = _pending_records.popitem()
-        write_json({**(read_json(path) if path.exists() else {}), **new}, path)
-        print(f"recorded {', '.join(f'{k}={v!r}' for k, v in new.items())} in {path}")
-
-
-@dataclass
-class ValidArguments:
-    eval_limit: int | None = recorded(1000, help="validation rows used for every model choice: a fixed random subset "
-                                                 "(seed 0) of raw_data/valid.pkl, in file order")
-
-
-@dataclass
-class SplitArguments(ValidArguments):
-    split: str = field(default="test", metadata={"help": "test, or valid (the validation rows: see --eval_limit)"})
-
-
-def read_split(args: DataArguments, split: str, eval_limit: int) -> pd.DataFrame:
-    """The test set, or the validation rows that every model choice is made on (raw_data/valid.pkl, at most
-    `eval_limit` of them: a fixed random subset, kept in file order).  --limit / --sample apply after."""
-    if split not in ("test", "valid"):
-        fail(f"--split must be test or valid, not {split!r}")
-    rows = read_table(args, f"raw_data/{split}.pkl", limit=False)
-    if split == "valid" and len(rows) > eval_limit:
-        rows = rows.sample(eval_limit, random_state=0).sort_index().reset_index(drop=True)
-    return limited(args, rows)
 
 
 def require_model(path: str | Path) -> str:
@@ -347,61 +222,11 @@ def read_pickle(path: str | Path, columns=(), what="table"):
     return obj
 
 
-def read_table(args: DataArguments, name: str, columns=COLUMNS, limit=True) -> pd.DataFrame:
-    """Read `Data/<dataset>/<name>`, check its columns, and apply --sample, then --limit (unless `limit` is False)."""
-    df = read_pickle(args.file(name), columns)
-    return limited(args, df) if limit else df.reset_index(drop=True)
-
-
-def limited(args: DataArguments, df: pd.DataFrame) -> pd.DataFrame:
-    """--sample (a random sample, in the sampled order), then --limit (the first N rows)."""
-    if args.sample is not None:
-        if args.sample > len(df):
-            print(f"--sample {args.sample}: only {len(df):,} rows; taking them all, shuffled")
-        df = df.sample(min(args.sample, len(df)), random_state=args.sample_seed)
-    if args.limit is not None:
-        df = df.iloc[: args.limit]
-    return df.reset_index(drop=True)
-
-
 def read_json(path: str | Path) -> dict:
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         fail(f"{path} cannot be read ({type(e).__name__}: {e}); repair or delete it.")
-
-
-def matched(rows: pd.DataFrame, other: pd.DataFrame, column: str):
-    """`other[column]` for each of `rows`, matched on (user, item, time) (and the order among equal keys), as an
-    array; None if `other` does not cover exactly these rows.  Missing values in `column` are kept as they are."""
-    def keyed(df):
-        return df[KEY].assign(nth=df.groupby(KEY).cumcount().to_numpy())
-
-    if len(other) != len(rows):
-        return None
-    joined = keyed(rows).merge(keyed(other).assign(value=other[column].to_numpy()), how="left", on=KEY + ["nth"],
-                               indicator=True)
-    return None if (joined["_merge"] != "both").any() else joined["value"].to_numpy()
-
-
-BOOTSTRAP_CHUNK = 2 ** 20  # resampled values held at once by paired_interval: 8 MB of them, 8 MB of their indices
-
-
-def paired_interval(differences, seed: int = 0) -> tuple[float, float]:
-    """The 95% interval of the mean of per-row differences between two methods on the same rows: a percentile
-    bootstrap over the rows, 10,000 resamples, fixed seed (so reruns give the same interval).  The resamples are
-    drawn in chunks of about BOOTSTRAP_CHUNK values (scipy's `batch`, from the same random stream: the same interval
-    as all at once), so that memory stays bounded however many rows there are."""
-    import numpy as np
-    from scipy.stats import bootstrap
-
-    differences = np.asarray(differences, dtype=float)
-    if len(differences) < 2:
-        return float("nan"), float("nan")
-    low, high = bootstrap((differences,), np.mean, n_resamples=10_000, method="percentile",
-                          batch=max(1, BOOTSTRAP_CHUNK // len(differences)),
-                          rng=np.random.default_rng(seed)).confidence_interval
-    return float(low), float(high)
 
 
 # ---------------------------------------------------------------------------------------------- writing files
@@ -429,9 +254,6 @@ def atomic_write(path: str | Path, write, mode="wb"):
 
 
 def write_pickle(obj, path: str | Path):
-    """A step's output (and, with the first one, the settings it was made with: see `recorded`)."""
-    if parallel.is_main_process():
-        _write_pending_records()
     atomic_write(path, lambda f: pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL))
     if parallel.is_main_process():
         print(f"wrote {path} ({len(obj):,} rows)")

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from prompts import PromptArguments, summary_prompt
 from teacher import Teacher, TeacherArguments
-from utils import parse_args, read_table, write_pickle
+from settings import parse_args, read_table
 
 TEMPERATURE = 0.2  # as the official code
 
@@ -26,5 +26,5 @@ labels = [f"{i} of raw_data/train.pkl (user {r.user_id}, item {r.item_id})" for 
 # (under --dry_run, this prints what the teacher would be sent and what it would cost, and stops)
 reviews["review_summary"] = teacher.ask(prompts, temperature=TEMPERATURE, labels=labels, desc="teacher summaries")
 
-write_pickle(reviews, args.file("train_aspect_preference_summary.pkl"))
+args.write(reviews, "train_aspect_preference_summary.pkl")
 print(teacher.report())

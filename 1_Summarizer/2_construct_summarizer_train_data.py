@@ -9,11 +9,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: utils, prompts
 
 from prompts import PromptArguments, summary_prompt, to_messages
-from utils import COLUMNS, parse_args, read_table, write_pickle
+from settings import parse_args, read_table
+from utils import COLUMNS
 
 args, prompt = parse_args(PromptArguments)
 reviews = read_table(args, "train_aspect_preference_summary.pkl", COLUMNS + ["review_summary"])
 
 examples = [to_messages(summary_prompt(prompt.product_class, r.title, r.ratings, r.reviews), r.review_summary)
             for r in reviews.itertuples()]
-write_pickle(examples, args.file("Summarizer_train_instruct.pkl"))
+args.write(examples, "Summarizer_train_instruct.pkl")

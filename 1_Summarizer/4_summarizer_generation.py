@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from histories import HISTORY_TABLE, SUMMARY
 from llm import ModelArguments, load_expert
 from prompts import PromptArguments, summary_prompt
-from utils import parse_args, read_table, write_pickle
+from settings import parse_args, read_table
 
 args, prompt, model_args = parse_args(PromptArguments, ModelArguments, data_parallel=True)
 reviews = read_table(args, "raw_data/train.pkl")
@@ -20,4 +20,4 @@ summarizer = load_expert(args, model_args, "Summarizer")
 
 prompts = [summary_prompt(prompt.product_class, r.title, r.ratings, r.reviews) for r in reviews.itertuples()]
 reviews[SUMMARY] = summarizer.generate(prompts, desc="summarizing")
-write_pickle(reviews, args.file(HISTORY_TABLE))
+args.write(reviews, HISTORY_TABLE)

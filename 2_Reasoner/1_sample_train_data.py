@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from histories import load_histories
 from prompts import HistoryPromptArguments, rating_prompt
-from utils import fail, parse_args, read_table, write_pickle
+from settings import parse_args, read_table
+from utils import fail
 
 
 @dataclass
@@ -50,5 +51,5 @@ if n_reward < 1 or total - n_reward < 1:
 sample = eligible.sample(total, random_state=sample_args.seed).reset_index(drop=True)
 reward = sample.sample(n_reward, random_state=sample_args.seed)
 reasoner = sample.drop(reward.index)
-write_pickle(reward.sample(frac=1, random_state=sample_args.seed).reset_index(drop=True), args.file("review_8000.pkl"))
-write_pickle(reasoner.sample(frac=1, random_state=sample_args.seed).reset_index(drop=True), args.file("train_12000.pkl"))
+args.write(reward.sample(frac=1, random_state=sample_args.seed).reset_index(drop=True), "review_8000.pkl")
+args.write(reasoner.sample(frac=1, random_state=sample_args.seed).reset_index(drop=True), "train_12000.pkl")

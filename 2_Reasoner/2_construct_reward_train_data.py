@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from histories import load_histories
 from prompts import TestPromptArguments, rating_answer, rating_prompt, to_messages
-from utils import ValidArguments, parse_args, read_split, read_table, write_pickle
+from settings import ValidArguments, parse_args, read_split, read_table
 
 args, prompt, valid = parse_args(TestPromptArguments, ValidArguments)
 
@@ -27,7 +27,7 @@ def examples(rows, before_target=True):
 
 
 histories = load_histories(args, prompt)
-write_pickle(examples(read_table(args, "review_8000.pkl")), args.file("review_train_data.pkl"))
+args.write(examples(read_table(args, "review_8000.pkl")), "review_train_data.pkl")
 if args.file("raw_data/valid.pkl").exists():  # histories as the test set's
-    write_pickle(examples(read_split(args, "valid", valid.eval_limit), prompt.test_history_before_target),
-                 args.file("review_valid_data.pkl"))
+    args.write(examples(read_split(args, "valid", valid.eval_limit), prompt.test_history_before_target),
+               "review_valid_data.pkl")

@@ -17,7 +17,8 @@ from llm import ModelArguments, load_expert
 from prompts import HistoryPromptArguments, rating_prompt, reason_prompt
 from reason_filter import FilterArguments, keep_helpful_reasons
 from teacher import Teacher, TeacherArguments
-from utils import fail, parse_args, read_table, write_json, write_pickle
+from settings import parse_args, read_table
+from utils import fail, write_json
 
 args, prompt, model_args, distill, teacher_args = parse_args(HistoryPromptArguments, ModelArguments, FilterArguments,
                                                              TeacherArguments, data_parallel=True)
@@ -69,6 +70,6 @@ order = sorted(kept)
 result = targets.iloc[order].reset_index(drop=True)
 result["personalized_analysis"] = [kept[i][0] for i in order]
 result["reason_attempt"] = [kept[i][1] for i in order]
-write_pickle(result, args.file("distilling_high_quality_reasons.pkl"))
+args.write(result, "distilling_high_quality_reasons.pkl")
 write_json(report, args.file("distilling_report.json"))
 print(teacher.report())

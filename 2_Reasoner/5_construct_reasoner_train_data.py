@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from histories import load_histories
 from prompts import HistoryPromptArguments, reason_prompt, to_messages
-from utils import COLUMNS, parse_args, read_table, write_pickle
+from settings import parse_args, read_table
+from utils import COLUMNS
 
 args, prompt = parse_args(HistoryPromptArguments)
 targets = read_table(args, "distilling_high_quality_reasons.pkl", COLUMNS + ["personalized_analysis"])
@@ -23,4 +24,4 @@ histories = load_histories(args, prompt)
 examples = [to_messages(reason_prompt(prompt.product_class, t.title, histories(t.user_id, t.item_id, t.unixReviewTime)),
                         t.personalized_analysis)
             for t in targets.itertuples()]
-write_pickle(examples, args.file("Reasoner_train_instruct.pkl"))
+args.write(examples, "Reasoner_train_instruct.pkl")

@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from histories import load_histories
 from llm import ModelArguments, load_expert
 from prompts import TestPromptArguments, reason_prompt
-from utils import SplitArguments, parse_args, read_split, reasons_file, write_pickle
+from settings import SplitArguments, parse_args, read_split
+from utils import reasons_file
 
 
 @dataclass
@@ -31,4 +32,4 @@ reasoner = load_expert(args, model_args, which.reasoner)
 
 rows["reasoner_reply"] = reasoner.generate([reason_prompt(prompt.product_class, title, h)
                                             for title, h in zip(rows.title, contexts)], desc=which.reasoner)
-write_pickle(rows, args.file(output))
+args.write(rows, output)

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from histories import load_histories
 from llm import ModelArguments, load_expert
 from prompts import TestPromptArguments, predictor_prompts, rating_answer, reason_prompt, to_messages
-from utils import COLUMNS, ValidArguments, fail, parse_args, read_split, read_table, reasons_file, write_pickle
+from settings import ValidArguments, parse_args, read_split, read_table
+from utils import COLUMNS, fail, reasons_file
 
 TARGETS = {"kept": "distilling_high_quality_reasons.pkl", "all": "train_12000.pkl"}
 
@@ -59,11 +60,11 @@ if not predictor.no_reason:
     reasoner = load_expert(args, model_args, "Reasoner")
     analyses = reasoner.generate([reason_prompt(prompt.product_class, t, h) for t, h in zip(targets.title, contexts)],
                                  desc="Reasoner")
-write_pickle(examples(targets, contexts, analyses), args.file(f"{name}_train_instruct.pkl"))
+args.write(examples(targets, contexts, analyses), f"{name}_train_instruct.pkl")
 
 if args.file("raw_data/valid.pkl").exists():  # the validation rows, their histories built as the test set's
     rows = read_split(args, "valid", valid.eval_limit) if predictor.no_reason else \
         read_table(args, reasons_file("valid"), COLUMNS + ["reasoner_reply"])
     contexts = histories.for_rows(rows, prompt.test_history_before_target)
-    write_pickle(examples(rows, contexts, None if predictor.no_reason else rows.reasoner_reply),
-                 args.file(f"{name}_valid_instruct.pkl"))
+    args.write(examples(rows, contexts, None if predictor.no_reason else rows.reasoner_reply),
+               f"{name}_valid_instruct.pkl")

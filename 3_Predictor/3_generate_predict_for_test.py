@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from histories import load_histories
 from llm import ModelArguments, load_expert
 from prompts import TestPromptArguments, predictor_prompts
-from utils import (COLUMNS, SplitArguments, fail, parse_args, ratings_file, read_split, read_table, reasons_file,
-                   write_pickle)
+from settings import SplitArguments, parse_args, read_split, read_table
+from utils import COLUMNS, fail, ratings_file, reasons_file
 
 
 @dataclass
@@ -43,4 +43,4 @@ predictor_model = load_expert(args, model_args, "Direct_Predictor" if predictor.
 questions = predictor_prompts(prompt.product_class, rows.title, contexts,
                               None if predictor.no_reason else rows.reasoner_reply)
 rows["pred"] = predictor_model.score(questions, desc="Predictor")
-write_pickle(rows, args.file(ratings_file(split.split, None if predictor.no_reason else predictor.reasoner)))
+args.write(rows, ratings_file(split.split, None if predictor.no_reason else predictor.reasoner))

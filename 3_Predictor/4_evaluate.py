@@ -22,9 +22,8 @@ reads   Data/<dataset>/raw_data/{train,valid,test}.pkl, rating_for_{valid,test}_
         dataset.json, checkpoints/<dataset>/*/final_checkpoint/{selection,log_history}.json
 writes  Data/<dataset>/metrics.json (with its provenance), Data/<dataset>/predictions.png, training_curves.png
 """
-import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -34,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from baselines import baselines
 from histories import history_coverage, history_shares, history_table
-from utils import (COLUMNS, ValidArguments, atomic_write, fail, matched, paired_interval, parse_args, producer,
-                   provenance, ratings_file, read_json, read_split, read_table, write_json)
+from settings import ValidArguments, checkpoint_dir_arg, parse_args, read_split, read_table
+from stats import matched, paired_interval
+from utils import COLUMNS, atomic_write, fail, producer, provenance, ratings_file, read_json, write_json
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -52,9 +52,7 @@ SUBSETS = ("all", "with user and item history")
 
 @dataclass
 class EvaluateArguments:
-    checkpoint_dir: str = field(default_factory=lambda: os.environ.get("CHECKPOINT_DIR", "checkpoints"), metadata={
-        "help": "where the adapters are, to report the checkpoint each expert kept and its training curves (default: "
-                "$CHECKPOINT_DIR)"})
+    checkpoint_dir: str = checkpoint_dir_arg()  # to report the checkpoint each expert kept, and its curves
 
 
 def evaluate(split: str, rows, methods: dict, has_user, has_item) -> dict:

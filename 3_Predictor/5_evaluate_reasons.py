@@ -51,8 +51,9 @@ from histories import load_histories, text
 from llm import load_model
 from prompts import (TestPromptArguments, gptscore_prompt, gptscore_reverse_prompt, judge_prompt, judge_score,
                      reason_prompt)
-from utils import (COLUMNS, KEY, atomic_write, fail, matched, paired_interval, parse_args, producer, provenance,
-                   read_table, reasons_file, require_model, write_json, write_pickle)
+from settings import load_in_4bit_arg, parse_args, read_table
+from stats import matched, paired_interval
+from utils import COLUMNS, KEY, atomic_write, fail, producer, provenance, reasons_file, require_model, write_json
 
 REASON = "reasoner_reply"
 REASONERS = {"Reasoner (SFT)": reasons_file("test", "Reasoner"), "Reasoner (GRPO)": reasons_file("test", "Reasoner_GRPO")}
@@ -65,7 +66,7 @@ FORWARD, REVERSE = "GPTScore review|reason", "GPTScore reason|review"
 class ReasonQualityArguments:
     evaluator_model_path: str | None = field(default_factory=lambda: os.environ.get("MODEL_PATH"), metadata={
         "help": "the local model GPTScore runs on (default: $MODEL_PATH, the base model)"})
-    load_in_4bit: str = field(default="auto", metadata={"help": "true/false; auto: on a CUDA GPU"})
+    load_in_4bit: str = load_in_4bit_arg()
     batch_size: int = field(default=8, metadata={"help": "reviews scored per forward pass"})
     with_teacher: bool = field(default=False, metadata={
         "help": "also ask the teacher for its own reasons for the test targets, and judge them too (paid, cached)"})
@@ -123,7 +124,7 @@ if quality.with_teacher:
     labels = [f"{i} of raw_data/test.pkl (user {r.user_id}, item {r.item_id})" for i, r in enumerate(test.itertuples())]
     replies = teacher.ask([reason_prompt(prompt.product_class, title, h) for title, h in zip(test.title, histories)],
                           temperature=0.0, samples=[0] * len(test), labels=labels, desc="teacher reasons")
-    write_pickle(test.assign(**{REASON: replies}), args.file(TEACHER_REASONS))
+    args.write(test.assign(**{REASON: replies}), TEACHER_REASONS)
     variants[f"Teacher ({teacher_name})"] = np.array([text(r) for r in replies], dtype=object)
     inputs.append(args.file(TEACHER_REASONS))
 elif args.file(TEACHER_REASONS).exists() and main:

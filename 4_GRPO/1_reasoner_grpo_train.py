@@ -40,7 +40,8 @@ from prompts import TestPromptArguments, rating_prompt, reason_prompt
 from reason_filter import grpo_reward
 from transformers import set_seed
 from trl import GRPOConfig, GRPOTrainer
-from utils import ValidArguments, fail, provenance, read_split, read_table, require_model, sha256
+from settings import ValidArguments, read_split, read_table
+from utils import fail, provenance, require_model, sha256
 
 TARGETS = {"reward": "review_8000.pkl", "kept": "distilling_high_quality_reasons.pkl"}
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: llm, utils
 
+from settings import ModelPlaces  # noqa: E402  (no model library: REASON4REC_BACKEND picks one later)
+
 GREEDY_TOKENS = 4  # "the first few": enough to see generation go wrong, few enough that a near-tie rarely matters
 # The largest difference allowed between two backends, by how both ran: ratings (1-5) and mean log-likelihoods (nats
 # per token) as the largest absolute difference over the inputs, greedy as the share of inputs whose first
@@ -41,11 +43,8 @@ TOLERANCES = {
 
 
 @dataclass
-class ValuesArguments:
+class ValuesArguments(ModelPlaces):
     adapter: str | None = field(default=None, metadata={"help": "the LoRA adapter (on its base model, llm.base_of)"})
-    model_path: str | None = field(default=None, metadata={"help": "the base model, where the adapter's record of "
-                                                                   "it is out of date"})
-    load_in_4bit: str = field(default="auto", metadata={"help": "true/false; auto: on a CUDA GPU"})
     n: int = field(default=8, metadata={"help": "inputs of each kind"})
     batch_size: int = field(default=4, metadata={"help": "rows per forward pass"})
     json: str | None = field(default=None, metadata={"help": "write the values to this file (else print them)"})
@@ -113,7 +112,8 @@ def largest(xs, ys) -> float:
 
 def main():
     import llm
-    from utils import fail, parse_args, write_json
+    from settings import parse_args
+    from utils import fail, write_json
 
     data, args = parse_args(ValuesArguments)
     if args.compare:

@@ -11,7 +11,8 @@ import pytest
 import llm
 from conftest import DATASET, pipeline_env, run
 from prompts import gptscore_prompt, gptscore_reverse_prompt, judge_score
-from utils import COLUMNS, paired_interval
+from stats import paired_interval
+from utils import COLUMNS
 
 SMOLLM2 = Path(__file__).resolve().parents[1] / "models" / "SmolLM2-135M-Instruct"
 SCRIPT = "3_Predictor/5_evaluate_reasons.py"

@@ -34,15 +34,15 @@ def test_authors_data_records_its_product_class_and_max_his_with_the_first_outpu
     class (known from the dataset's name, or --product_class) and the history length; later steps use them, and
     refuse others.  A step that fails before writing anything records nothing."""
     from prompts import HistoryPromptArguments
-    from utils import parse_args, write_pickle
+    from settings import parse_args
 
     folder = tmp_path / "Data" / "Book_data"
     folder.mkdir(parents=True)
     common = ["--dataset", "Book_data", "--data_dir", str(tmp_path / "Data")]
-    _, prompt = parse_args(HistoryPromptArguments, args=common)
+    data, prompt = parse_args(HistoryPromptArguments, args=common)
     assert (prompt.product_class, prompt.max_his) == ("Book", 10)
     assert not (folder / "dataset.json").exists()  # nothing written yet: nothing used yet
-    write_pickle([1], folder / "output.pkl")
+    data.write([1], "output.pkl")
     assert json.loads((folder / "dataset.json").read_text()) == {"product_class": "Book", "max_his": 10,
                                                                  "drop_leaked_history_rows": False}
     parse_args(HistoryPromptArguments, args=common + ["--product_class", "Book"])
@@ -53,8 +53,8 @@ def test_authors_data_records_its_product_class_and_max_his_with_the_first_outpu
     mine = ["--dataset", "mine", "--data_dir", str(tmp_path / "Data")]
     with pytest.raises(SystemExit, match="records no product_class: pass --product_class"):
         parse_args(HistoryPromptArguments, args=mine)
-    parse_args(HistoryPromptArguments, args=mine + ["--product_class", "Gadget", "--max_his", "4"])
-    write_pickle([1], other / "output.pkl")
+    data, _ = parse_args(HistoryPromptArguments, args=mine + ["--product_class", "Gadget", "--max_his", "4"])
+    data.write([1], "output.pkl")
     assert json.loads((other / "dataset.json").read_text())["max_his"] == 4
 
 
