@@ -130,28 +130,47 @@ def base_of(adapter: str | Path, model_path: str | None = None) -> str:
     return base
 
 
+BASE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")  # what shapes a base model's answers
+
+
 def fingerprint(path: str | Path) -> str:
-    """Identifies a model's weights, so that a cached answer is reused for the same weights (wherever they lie: a
-    checkpoint and its copy as final_checkpoint share their answers) and never after retraining.  An adapter: the bytes
-    of its weights and of its config (which names its base model); a base model: its folder and its files' sizes and
-    times (hashing gigabytes on every run would cost more than it saves)."""
+    """Identifies a model's weights wherever they lie (a checkpoint and its copy as final_checkpoint share their
+    answers, and so do a base model and a copy of it that keeps its files' times), and changes whenever they do.  An
+    adapter: the bytes of its weights and its config, less the path of its base model (which `model_id` identifies by
+    its own fingerprint); a base model: the bytes of its config, generation config and tokenizer files, and its weight
+    files' names, sizes and times (hashing gigabytes on every run would cost more than it saves)."""
     path = Path(path)
     h = hashlib.sha256()
     if (path / "adapter_config.json").exists():
-        for f in sorted(path.glob("adapter_model.*")) + [path / "adapter_config.json"]:
+        config = json.loads((path / "adapter_config.json").read_text())
+        config.pop("base_model_name_or_path", None)
+        h.update(json.dumps(config, sort_keys=True).encode())
+        for f in sorted(path.glob("adapter_model.*")):
             h.update(f.name.encode() + f.read_bytes())
     else:
-        h.update(str(path.resolve()).encode())
+        for f in (path / name for name in BASE_FILES):
+            if f.exists():
+                h.update(f.name.encode() + f.read_bytes())
         for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
             h.update(f"{f.name}{f.stat().st_size}{f.stat().st_mtime_ns}".encode())
     return h.hexdigest()[:16]
+
+
+def model_id(model, *paths) -> str:
+    """What makes a loaded model's answers what they are, for the cache keys: its weights (the fingerprints of
+    `paths`: the adapter, if any, and the base model it was loaded on) and how they run (the backend, the dtype, and
+    whether the base is in 4-bit, as loaded)."""
+    return ResultCache.key(*map(fingerprint, paths), backend(), str(model.dtype), loaded_in_4bit(model))[:16]
 
 
 def load_model(path: str | Path, *, load_in_4bit="auto", model_path=None, **expert) -> "Expert":
     """A base model folder, or a LoRA adapter folder on its base model (see `base_of`), ready for inference."""
     path = str(path)
     adapter = path if (Path(path) / "adapter_config.json").exists() else None
-    model, tokenizer = load_base(base_of(adapter, model_path) if adapter else path, load_in_4bit=load_in_4bit)
+    base = base_of(adapter, model_path) if adapter else path
+    model, tokenizer = load_base(base, load_in_4bit=load_in_4bit)
+    identity = model_id(model, path, base) if adapter else model_id(model, base)
     if adapter:
         from peft import PeftModel
 
@@ -165,7 +184,7 @@ def load_model(path: str | Path, *, load_in_4bit="auto", model_path=None, **expe
 
         FastLanguageModel.for_inference(model)
     model.eval()
-    return Expert(model, tokenizer, fingerprint(path), **expert)
+    return Expert(model, tokenizer, identity, **expert)
 
 
 def load_expert(data: DataArguments, args: ModelArguments, name: str) -> "Expert":
@@ -182,8 +201,8 @@ def load_expert(data: DataArguments, args: ModelArguments, name: str) -> "Expert
 class Expert:
     """A language model (a base model, or a base model with a LoRA adapter) and what the pipeline asks of it:
     `generate` answers, `score` the rating after "Predicted Rating: ", or the `loglikelihood` of given answers.  Work
-    goes in length-sorted batches, each kept in `cache` as soon as it is done, under keys that include `model_id` (a
-    fingerprint of the weights)."""
+    goes in length-sorted batches, each kept in `cache` as soon as it is done, under keys that include `model_id`
+    (from load_model: the weights and how they run, see the function `model_id`) and `double_bos`."""
 
     def __init__(self, model, tokenizer, model_id: str = "", *, cache: ResultCache | None = None, batch_size: int = 8,
                  max_new_tokens: int = 1024, double_bos: bool = False):
@@ -263,7 +282,7 @@ class Expert:
             last = torch.tensor([len(seq) - 1 for seq in batch])
             input_ids = _pad(tokenizer, batch, "right")["input_ids"]
             keep = torch.unique(last)  # the sequence positions whose logits are needed, sorted
-            logits = model(input_ids=input_ids.to(model.device), logits_to_keep=keep.to(model.device)).logits
+            logits = _kept_logits(model, input_ids, keep)
             logits = logits[torch.arange(len(batch)), torch.searchsorted(keep, last)].float()
             probs = torch.softmax(logits[:, digits.to(logits.device)], dim=-1)
             expected = probs @ torch.arange(1.0, 6.0, device=probs.device)
@@ -282,8 +301,9 @@ class Expert:
         answer has no tokens: NaN.
 
         Padded on the right without a padding mask, as `score`: every answer token lies before its row's padding.
-        Only the logits of the answers' positions are computed; a batch holds batch_size x answer length x
-        vocabulary of them, which `batch_size` bounds."""
+        Only the logits of the answers' positions are asked for; a batch holds batch_size x answer length x
+        vocabulary of them (under Unsloth, which computes every position's, x sequence length), which `batch_size`
+        bounds."""
         model, tokenizer = self.model, self.tokenizer
         prompts, answers = [chat_text(tokenizer, q) for q in questions], [str(a) for a in answers]
         if not prompts:
@@ -299,7 +319,7 @@ class Expert:
             input_ids = _pad(tokenizer, batch, "right")["input_ids"]
             # The logits at position t predict token t + 1: those of positions start - 1 .. end - 2 are needed.
             keep = torch.unique(torch.cat([torch.arange(start - 1, end - 1) for start, end in spans]))
-            logits = model(input_ids=input_ids.to(model.device), logits_to_keep=keep.to(model.device)).logits
+            logits = _kept_logits(model, input_ids, keep)
             means = []
             for row, (start, end) in enumerate(spans):
                 at = torch.searchsorted(keep, torch.arange(start - 1, end - 1)).to(logits.device)
@@ -328,6 +348,19 @@ def batches(lengths, batch_size: int):
 def _pad(tokenizer, ids, side: str):
     """A batch of token-id lists as tensors padded on `side`, with their attention mask."""
     return tokenizer.pad({"input_ids": ids}, padding_side=side, return_tensors="pt")
+
+
+def _kept_logits(model, input_ids, keep):
+    """The logits at the sequence positions `keep` (sorted, distinct) of every row: (rows, len(keep), vocabulary).
+    Only those are asked for (`logits_to_keep` as a tensor of positions), and transformers returns those only; Unsloth's
+    fast forward ignores such a tensor and returns every position's.  The returned length says which came back."""
+    logits = model(input_ids=input_ids.to(model.device), logits_to_keep=keep.to(model.device)).logits
+    if logits.shape[1] == input_ids.shape[1]:  # every position (also what was kept, when that is all of them)
+        return logits[:, keep.to(logits.device)]
+    if logits.shape[1] != len(keep):
+        raise RuntimeError(f"the model returned the logits of {logits.shape[1]} positions, neither the {len(keep)} "
+                           f"asked for nor all {input_ids.shape[1]}")
+    return logits
 
 
 def _run_batched(keys, ids, batch_size, cache, desc, compute, share: bool = True):

@@ -11,9 +11,9 @@ Reads <data_dir>/<dataset>/<train_data> (and <valid_data>); writes <checkpoint_d
 --output_dir, or $OUTPUT_DIR): a checkpoint per epoch, then final_checkpoint/ (the adapter, the tokenizer,
 log_history.json, selection.json and provenance.json).  A rating expert (reward model, Predictor) keeps the checkpoint
 with the best validation MAE (training.finish); the others their final state.  An interrupted run resumes from its
-last complete checkpoint when rerun as the same job (see JOB_SETTINGS); a different job in the same folder is refused,
-and no checkpoint is ever deleted.  NUM_GPUS=N trains data-parallel on N GPUs (parallel.py), keeping the configured
-global batch.
+last complete checkpoint when rerun as the same job (see JOB_SETTINGS); the checkpoints or final_checkpoint of a
+different job in the same folder make it refuse, and nothing of them is ever deleted.  NUM_GPUS=N trains
+data-parallel on N GPUs (parallel.py), keeping the configured global batch.
 """
 import json
 import os
@@ -27,7 +27,7 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 import training
-from training import ShowBatch, finish, global_batch, keep_global_batch, rating_mae, resumable_checkpoint
+from training import ShowBatch, finish, keep_global_batch, rating_mae, resumable_checkpoint
 from utils import DataArguments, fail, provenance, read_pickle, sha256
 
 
@@ -63,12 +63,12 @@ class FinetuneArguments:
         "help": "with NUM_GPUS > 1, refuse a process count that cannot keep the configured global batch exactly"})
 
 
-# What makes two runs the same training job: a rerun that agrees on all of these resumes; one that differs is
-# refused.  Flag order, logging, saving and evaluation options do not count.
-JOB_SETTINGS = ("train_data_sha256", "examples", "model_path", "lora_rank", "lora_alpha", "lora_dropout",
-                "target_modules", "tune_last_layer", "load_in_4bit", "learning_rate", "lr_scheduler_type",
-                "warmup_steps", "weight_decay", "optim", "global_batch", "seed", "num_train_epochs", "max_steps",
-                "max_len", "mask_loss")
+# What makes two runs the same training job, with training.TRAINING_SETTINGS: a rerun that agrees on all of these
+# resumes; one that differs is refused.  Flag order, logging, saving and evaluation options do not count.
+JOB_SETTINGS = ("train_data_sha256", "examples", "base_model", "lora_rank", "lora_alpha", "lora_dropout",
+                "target_modules", "tune_last_layer", "load_in_4bit", "max_len", "mask_loss", "packing",
+                "packing_strategy", "padding_free", "loss_type", "assistant_only_loss", "truncation_mode",
+                "neftune_noise_alpha")
 
 
 def load_for_training(args: FinetuneArguments, config: SFTConfig):
@@ -104,6 +104,9 @@ def parse(argv=None):
     if not args.model_path or not Path(args.model_path, "config.json").exists():
         fail(f"--model_path {args.model_path!r} is not a model folder (set MODEL_PATH or pass --model_path)")
     args.model_path = str(Path(args.model_path).resolve())  # recorded in the adapter as its base model
+    if data.sample is not None:
+        fail("qlora_finetune.py trains on every example of --train_data (or the first --limit); it takes no --sample: "
+             "sample the rows in the step that writes the training data")
     if not args.train_data or not args.expert:
         fail("say what to train: --config <expert>.yaml (see the *_train.sh scripts), or --train_data and --expert")
     if not config.output_dir:
@@ -121,9 +124,9 @@ def data_path(data: DataArguments, name: str) -> Path:
 
 
 def job_of(args: FinetuneArguments, config: SFTConfig, examples: list, data_file: Path) -> dict:
-    settings = {**asdict(args), **config.to_dict(), "load_in_4bit": llm.use_4bit(args.load_in_4bit),
-                "train_data_sha256": sha256(data_file), "examples": len(examples), "global_batch": global_batch(config)}
-    return {name: settings[name] for name in JOB_SETTINGS}
+    return training.job_settings(JOB_SETTINGS, config, asdict(args), {
+        "load_in_4bit": llm.use_4bit(args.load_in_4bit), "base_model": llm.fingerprint(args.model_path),
+        "train_data_sha256": sha256(data_file), "examples": len(examples)})
 
 
 def main():

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,20 +105,38 @@ def global_batch(config) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- same job, or not
+# The settings of TRL's config (transformers' TrainingArguments) that change the trained weights, for every trainer.
+TRAINING_SETTINGS = ("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "weight_decay",
+                     "optim", "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16", "fp16",
+                     "seed", "data_seed", "num_train_epochs", "max_steps")
+
+
+def job_settings(names, config, *settings: dict) -> dict:
+    """What defines a training job (see resumable_checkpoint): TRAINING_SETTINGS and `names`, read from `settings`
+    (later ones win) over `config`, with what every trainer shares: the backend, the dtype and the global batch."""
+    known = {**config.to_dict(), "backend": llm.backend(), "dtype": str(llm.default_dtype()),
+             "global_batch": global_batch(config)}
+    for more in settings:
+        known.update(more)
+    return {name: known[name] for name in ("backend", "dtype", "global_batch", *TRAINING_SETTINGS, *names)}
+
+
 def resumable_checkpoint(output: Path, job: dict):
     """The last complete checkpoint of an interrupted run of this very job (`job`: the settings that define it), else
-    None.  Checkpoints of another job stop the run (they are the user's, and never deleted); one cut short by the
-    interruption (transformers writes trainer_state.json last) is skipped."""
+    None.  The work of another job in the folder (its checkpoints, its final_checkpoint) stops the run: it is the
+    user's, and never deleted.  A checkpoint cut short by the interruption (transformers writes trainer_state.json
+    last) is skipped."""
     checkpoints = sorted(output.glob("checkpoint-*"), key=_step)
     record = output / "job.json"
-    if checkpoints:
+    if checkpoints or (output / "final_checkpoint").exists():
         earlier = read_json(record) if record.exists() else None
         if earlier != job:
             differing = "unknown: it has no job.json" if earlier is None else ", ".join(
                 f"{k} {earlier.get(k)!r} -> {job.get(k)!r}" for k in {**earlier, **job} if earlier.get(k) != job.get(k))
-            fail(f"{output} holds checkpoints of another training job (what differs: {differing}). They are kept. "
-                 f"To resume that job, rerun it with its own settings; to train this one, give it another folder "
-                 f"(OUTPUT_DIR=... or --output_dir ...), or move {output} away.")
+            held = "checkpoints" if checkpoints else "a final_checkpoint"
+            fail(f"{output} holds {held} of another training job (what differs: {differing}). Nothing was deleted. "
+                 f"To resume or redo that job, rerun it with its own settings; to train this one, give it another "
+                 f"folder (OUTPUT_DIR=... or --output_dir ...), or move {output} away.")
     complete = [c for c in checkpoints if _is_complete(c)]
     for c in checkpoints:
         if c not in complete:
@@ -200,10 +219,31 @@ def export(source, folder: Path, save_lm_head: bool = True):
     write_json(adapter_config, config_file)
 
 
+def replace_atomically(final: Path, folder: Path):
+    """Put `folder` in the place of `final` in one atomic step, so that a kill at any moment leaves the old `final` or
+    the new one, never neither: `final` is a symbolic link to a hidden folder beside it, replaced by a rename (atomic
+    in POSIX).  The folders beside it that it no longer names are then deleted (also those of an interrupted run).  A
+    `final` that is a plain folder (copied without its link) is moved aside first, the one moment it is missing."""
+    target = final.with_name(f".{final.name}.{time.time_ns()}")
+    folder.replace(target)
+    link = final.with_name(f".{final.name}.link")
+    link.unlink(missing_ok=True)
+    link.symlink_to(target.name)  # relative: the output folder can be moved or copied
+    if final.is_dir() and not final.is_symlink():
+        aside = final.with_name(f".{final.name}.plain")
+        shutil.rmtree(aside, ignore_errors=True)
+        final.replace(aside)
+    os.replace(link, final)
+    for old in final.parent.glob(f".{final.name}.*"):
+        if old != target:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def finish(trainer, tokenizer, output: Path, record: dict, *, metric=None, metric_name: str | None = None,
            select_on_valid: bool = True, save_lm_head: bool = True, start: Path | None = None):
     """Choose and save the adapter: <output>/final_checkpoint, with selection.json (every candidate and its validation
-    metric, and the one chosen), log_history.json and provenance.json (`record`).
+    metric, and the one chosen), log_history.json and provenance.json (`record`); an earlier final_checkpoint is
+    replaced atomically (see replace_atomically).
 
     The candidates are the run's checkpoints and its final state, and `start`, the adapter that training started from
     (GRPO's SFT Reasoner), as step 0: training must beat it to be kept.  With a `metric` (lower is better) each is
@@ -239,9 +279,7 @@ def finish(trainer, tokenizer, output: Path, record: dict, *, metric=None, metri
         write_json(record, folder / "provenance.json")
         write_json(selection, output / "selection.json")
         final = output / "final_checkpoint"
-        shutil.rmtree(final, ignore_errors=True)
-        folder.replace(final)
-        shutil.rmtree(staging, ignore_errors=True)
+        replace_atomically(final, folder)
         print(f"kept {chosen['candidate']} (step {chosen['step']}; {selection['why']}) as {final}")
         for c in candidates:
             if c["valid_metric"] is not None:

@@ -96,15 +96,13 @@ class ReasonerGRPOArguments:
                 "Predictor the lowest validation MAE; false: the final state"})
 
 
-# What makes two runs the same job (see training.resumable_checkpoint): every setting that changes the trained
-# weights, the targets trained on (which file, which subset of it) included.
+# What makes two runs the same job (see training.resumable_checkpoint), with training.job_settings' shared list: every
+# setting that changes the trained weights, the targets trained on (which file, which subset of it) included.
 JOB_SETTINGS = ("targets", "train_data_sha256", "limit", "sample", "sample_seed", "target_rows", "reasoner",
-                "predictor", "base_model", "backend", "kl_reference", "forbidden_penalty", "cutoff_penalty",
-                "load_in_4bit", "bf16", "fp16", "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs",
-                "warmup_steps", "weight_decay", "max_grad_norm", "adam_beta1", "adam_beta2",
-                "adam_epsilon", "optim", "disable_dropout", "beta", "epsilon", "loss_type", "num_generations", "num_iterations",
+                "predictor", "base_model", "load_in_4bit", "kl_reference", "forbidden_penalty", "cutoff_penalty",
+                "disable_dropout", "beta", "epsilon", "loss_type", "num_generations", "num_iterations",
                 "max_completion_length", "temperature", "top_p", "mask_truncated_completions", "scale_rewards",
-                "prompts_per_step", "seed", "num_train_epochs", "max_steps")
+                "prompts_per_step")
 
 parallel.relaunch()
 data, prompt, valid, args, config = training.parse((TestPromptArguments, ValidArguments, ReasonerGRPOArguments,
@@ -130,11 +128,11 @@ rows = read_split(data, "valid", valid.eval_limit)
 valid_contexts = histories.for_rows(rows, prompt.test_history_before_target)
 questions = [reason_prompt(prompt.product_class, t, h) for t, h in zip(targets.title, contexts)]
 dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": q}], "row": i} for i, q in enumerate(questions)])
-settings = {**asdict(data), **asdict(args), **config.to_dict(), "load_in_4bit": llm.use_4bit(args.load_in_4bit),
-            "train_data_sha256": sha256(data.file(TARGETS[args.targets])), "target_rows": len(targets),
-            "reasoner": llm.fingerprint(reasoner_path), "predictor": llm.fingerprint(predictor_path),
-            "base_model": llm.fingerprint(base_model), "backend": llm.backend(), "kl_reference": kl_reference}
-job = {name: settings[name] for name in JOB_SETTINGS}
+job = training.job_settings(JOB_SETTINGS, config, asdict(data), asdict(args), {
+    "load_in_4bit": llm.use_4bit(args.load_in_4bit), "train_data_sha256": sha256(data.file(TARGETS[args.targets])),
+    "target_rows": len(targets), "reasoner": llm.fingerprint(reasoner_path),
+    "predictor": llm.fingerprint(predictor_path), "base_model": llm.fingerprint(base_model),
+    "kl_reference": kl_reference})
 output = Path(config.output_dir)
 resume = training.resumable_checkpoint(output, job)
 

@@ -129,3 +129,132 @@ def test_several_processes_keep_the_configured_global_batch(tiny_model, monkeypa
         qlora_finetune.parse(config)
     _, _, trainer = qlora_finetune.parse(config + ["--exact_global_batch", "false"])
     assert trainer.per_device_train_batch_size == 16
+
+
+def job(tiny_model, tmp_path, *flags):
+    import qlora_finetune
+
+    (tmp_path / "sft.pkl").write_bytes(pickle.dumps(EXAMPLES))
+    data, args, config = qlora_finetune.parse(["--model_path", str(tiny_model), "--train_data", "sft.pkl",
+                                               "--expert", "test", "--dataset", "mi", *flags])
+    return qlora_finetune.job_of(args, config, EXAMPLES, tmp_path / "sft.pkl")
+
+
+def test_every_setting_that_changes_the_weights_makes_another_job_and_cosmetic_ones_do_not(tiny_model, tmp_path,
+                                                                                           monkeypatch):
+    import shutil
+
+    from scripts.build_random_llama import build
+
+    first = job(tiny_model, tmp_path, "--learning_rate", "3e-4", "--max_steps", "4")
+    cosmetic = ["--logging_steps", "3", "--per_device_eval_batch_size", "2", "--save_strategy", "no",
+                "--save_total_limit", "1", "--report_to", "none"]
+    assert job(tiny_model, tmp_path, "--max_steps", "4", *cosmetic, "--learning_rate", "3e-4") == first
+    moved = shutil.copytree(tiny_model, tmp_path / "moved")  # the same weights elsewhere: the same job
+    assert job(moved, tmp_path, "--learning_rate", "3e-4", "--max_steps", "4") == first
+    changes = {"max_grad_norm": ["--max_grad_norm", "0.5"], "adam_beta1": ["--adam_beta1", "0.8"],
+               "adam_beta2": ["--adam_beta2", "0.99"], "adam_epsilon": ["--adam_epsilon", "1e-6"],
+               "lr_scheduler_kwargs": ["--lr_scheduler_kwargs", '{"num_cycles": 2}'], "packing": ["--packing", "true"],
+               "fp16": ["--fp16", "true"]}
+    for name, flags in changes.items():
+        other = job(tiny_model, tmp_path, "--learning_rate", "3e-4", "--max_steps", "4", *flags)
+        assert {k for k in first if first[k] != other[k]} == {name}, name
+    build(moved, "tiny", seed=1)  # other weights at the same path
+    other = job(moved, tmp_path, "--learning_rate", "3e-4", "--max_steps", "4")
+    assert {k for k in first if first[k] != other[k]} == {"base_model"}
+    monkeypatch.setenv("REASON4REC_BACKEND", "unsloth")
+    other = job(tiny_model, tmp_path, "--learning_rate", "3e-4", "--max_steps", "4")
+    assert {k for k in first if first[k] != other[k]} == {"backend"}
+
+
+def test_sample_is_refused_rather_than_ignored(tiny_model, tmp_path):
+    with pytest.raises(SystemExit, match="takes no --sample"):
+        job(tiny_model, tmp_path, "--sample", "8")
+
+
+def files(folder):
+    """{relative path: bytes} of every file under `folder`, through links."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_another_job_without_checkpoints_is_refused_and_deletes_nothing(tmp_path, tiny_model):
+    """--save_strategy no leaves only final_checkpoint: another job in the folder is refused as if it held
+    checkpoints, and nothing there changes; the same job (flags reordered, another logging interval) runs again."""
+    quick = ["--max_steps", "2", "--save_strategy", "no"]
+    final = train(tmp_path, tiny_model, "out", *quick)
+    out = final.parent
+    assert not list(out.glob("checkpoint-*"))
+    before = files(out)
+    again = run("qlora_finetune.py", "--model_path", tiny_model, "--train_data", tmp_path / "sft.pkl", "--expert",
+                "test", "--output_dir", out, "--learning_rate", "1e-2", *quick, check=False,
+                env={"REASON4REC_BACKEND": "hf"})
+    errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
+    assert again.returncode == 1 and len(errors) == 1 and "another training job" in errors[0], again.stderr[-2000:]
+    assert "a final_checkpoint" in errors[0] and "learning_rate" in errors[0]
+    assert files(out) == before
+    weights = (final / "adapter_model.safetensors").read_bytes()
+    train(tmp_path, tiny_model, "out", *quick[2:], *quick[:2], "--logging_steps", "2")
+    assert (final / "adapter_model.safetensors").read_bytes() == weights  # the same job: the same weights again
+
+
+def test_a_kill_while_final_checkpoint_is_replaced_leaves_the_old_or_the_new_one(tiny_model, tmp_path, monkeypatch):
+    """training.finish puts a new final_checkpoint in the place of the old one.  Killed at each file operation in
+    turn (every rename, link, unlink and rmdir, also inside the libraries' savers), it leaves a complete
+    final_checkpoint, the old one or the new one; the rerun then puts the new one in place and leaves nothing else."""
+    import os
+    import shutil
+    from itertools import count
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+
+    import training
+
+    base = llm.load_model(tiny_model)
+    model = get_peft_model(base.model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    out, pristine = tmp_path / "out", tmp_path / "pristine"
+
+    def finish(run):
+        trainer = SimpleNamespace(model=model, state=SimpleNamespace(global_step=1, log_history=[]))
+        training.finish(trainer, base.tokenizer, out, {"run": run})
+
+    def kept():
+        final = out / "final_checkpoint"
+        assert (final / "adapter_model.safetensors").stat().st_size > 0
+        return json.loads((final / "provenance.json").read_text())["run"]
+
+    class Killed(BaseException):
+        pass
+
+    left = 0
+
+    def killing(operation):
+        def wrapped(*args, **kwargs):
+            nonlocal left
+            left -= 1
+            if left == 0:
+                raise Killed
+            return operation(*args, **kwargs)
+        return wrapped
+
+    finish("old")
+    shutil.copytree(out, pristine, symlinks=True)
+    for k in count(1):
+        shutil.rmtree(out)
+        shutil.copytree(pristine, out, symlinks=True)
+        left = k
+        with monkeypatch.context() as m:
+            for name in ("replace", "rename", "symlink", "unlink", "rmdir"):
+                m.setattr(os, name, killing(getattr(os, name)))
+            try:
+                finish("new")
+                killed = False
+            except Killed:
+                killed = True
+        assert kept() in ("old", "new"), k
+        finish("new")
+        assert kept() == "new"
+        assert [p.name for p in out.glob(".final_checkpoint*")] == [os.readlink(out / "final_checkpoint")]
+        if not killed:
+            break
+    assert k > 10  # the kills fell on that many operations

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import llm
+import unsloth_like
 from cache import ResultCache
 
 SMOLLM2 = Path(__file__).resolve().parents[1] / "models" / "SmolLM2-135M-Instruct"
@@ -42,6 +43,32 @@ def test_rating_prediction_is_the_expectation_over_the_five_digits(model):
     digits = [tokenizer.convert_tokens_to_ids(d) for d in "12345"]
     expected = (torch.softmax(logits[digits], -1) * torch.arange(1.0, 6.0)).sum().item()
     assert model.score(QUESTIONS[:1])[0] == pytest.approx(expected, abs=1e-5)
+
+
+def test_ratings_and_likelihoods_are_the_same_when_the_model_returns_every_position(model, tiny_model):
+    """Unsloth's fast forward ignores a tensor `logits_to_keep` and returns every position's logits (imitated by
+    unsloth_like.fast_forward): `score` and `loglikelihood` read the same numbers as from transformers, which returns
+    the kept positions only; also through a LoRA adapter, as the experts are."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    answers = [q[::-1] for q in QUESTIONS]  # of several lengths
+
+    def numbers(expert):
+        return expert.score(QUESTIONS, batch_size=3), expert.loglikelihood(QUESTIONS, answers, batch_size=3)
+
+    adapted = llm.load_model(tiny_model)
+    adapted.model = get_peft_model(adapted.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                             init_lora_weights=False))
+    for expert in (model, adapted):
+        expected = numbers(expert)
+        with unsloth_like.fast_forward(expert.model):
+            ids = torch.tensor([expert.encode(["hello there"])[0]])
+            assert expert.model(input_ids=ids, logits_to_keep=torch.tensor([1])).logits.shape[1] == ids.shape[1]
+            assert expert.model(input_ids=ids, logits_to_keep=2).logits.shape[1] == 2
+            got = numbers(expert)
+        for g, e in zip(got, expected):
+            np.testing.assert_allclose(g, e, rtol=0, atol=1e-5)
 
 
 def test_chat_text_comes_from_the_template_without_a_second_bos(model):
@@ -107,3 +134,47 @@ def test_double_bos_reproduces_the_official_logits_weighted_predict(tiny_model):
     single = llm.load_model(tiny_model)
     assert single.encode([text])[0] == inputs.input_ids[0, 1:].tolist()
     assert abs(single.score(QUESTIONS[:1])[0] - expected) > 1e-6  # the second BOS changes the numbers
+
+
+def test_cached_answers_come_back_for_the_same_weights_run_the_same_way_only(tiny_model, tmp_path, monkeypatch):
+    """Over one cache: a fresh load, a copy of the base model elsewhere and another batch size get the cached answers
+    back without running the model; an adapter on another base model, another dtype, another backend or a 4-bit base
+    are other models, whose answers are computed anew."""
+    import shutil
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from scripts.build_random_llama import build
+
+    cache = ResultCache(tmp_path / "c.sqlite")
+    first = llm.load_model(tiny_model, cache=cache, batch_size=2)
+    expected = first.score(QUESTIONS)
+    copy = shutil.copytree(tiny_model, tmp_path / "copy")
+    again = llm.load_model(copy, cache=cache, batch_size=3)
+    again.model.forward = lambda *a, **k: pytest.fail("the model ran for a cached answer")
+    assert (again.score(QUESTIONS) == expected).all() and len(cache) == len(QUESTIONS)
+
+    peft = get_peft_model(llm.load_model(tiny_model).model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                      init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "adapter")
+    other_base = build(tmp_path / "other", "tiny", seed=1)
+    on_tiny = llm.load_model(tmp_path / "adapter", cache=cache).score(QUESTIONS)
+    on_other = llm.load_model(tmp_path / "adapter", model_path=other_base, cache=cache).score(QUESTIONS)
+    assert len(cache) == 3 * len(QUESTIONS) and np.abs(on_tiny - on_other).max() > 1e-4
+
+    with monkeypatch.context() as m:
+        m.setattr(llm, "default_dtype", lambda: torch.bfloat16)
+        in_bf16 = llm.load_model(tiny_model, cache=cache)
+        assert in_bf16.model.dtype == torch.bfloat16
+        in_bf16.score(QUESTIONS)
+    assert len(cache) == 4 * len(QUESTIONS)
+
+    model = first.model  # the backend and the quantization count as loaded (neither can be loaded on this CPU)
+    with monkeypatch.context() as m:
+        m.setattr(llm, "backend", lambda: "unsloth")
+        assert llm.model_id(model, tiny_model) != first.model_id
+    with monkeypatch.context() as m:
+        m.setattr(model, "is_loaded_in_4bit", True, raising=False)
+        assert llm.model_id(model, tiny_model) != first.model_id
+    assert llm.model_id(model, tiny_model) == first.model_id
