@@ -35,11 +35,10 @@ def parse(dataclass_types, argv=None, **defaults):
 
 
 def hardware_defaults() -> dict:
-    """The paper's precision and optimizer where there is a GPU; what a CPU can run elsewhere (and, under NUM_GPUS,
-    data-parallel gloo processes: transformers treats the processes as one group on a CPU only with use_cpu)."""
+    """The paper's precision and optimizer where there is a GPU; what a CPU can run elsewhere."""
     if torch.cuda.is_available():
         return dict(bf16=torch.cuda.is_bf16_supported(), fp16=not torch.cuda.is_bf16_supported(), optim="adamw_8bit")
-    return dict(bf16=False, fp16=False, optim="adamw_torch", use_cpu=True)
+    return dict(bf16=False, fp16=False, optim="adamw_torch")
 
 
 def keep_global_batch(config, exact: bool = True):
@@ -91,7 +90,9 @@ def grpo_batch(parsed: GRPOArguments, prompts_per_step: int):
              f"settings), not {parsed.gradient_accumulation_steps}; leave it out")
     settings = {f.name: getattr(parsed, f.name) for f in dataclasses.fields(GRPOConfig) if f.init}
     config = GRPOConfig(**{**settings, "per_device_train_batch_size": per_device,
-                           "gradient_accumulation_steps": accumulation})
+                           "gradient_accumulation_steps": accumulation,
+                           # on a CPU, transformers makes NUM_GPUS gloo processes one group only with use_cpu
+                           "use_cpu": settings["use_cpu"] or not torch.cuda.is_available()})
     if (config.generation_batch_size, config.per_device_train_batch_size * config.steps_per_generation * n) != \
             (completions, completions):
         fail(f"the trainer derived a generation batch of {config.generation_batch_size} completions "
