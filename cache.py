@@ -14,6 +14,7 @@ import hashlib
 import json
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 from utils import fail
@@ -24,16 +25,22 @@ class ResultCache:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=60)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, value TEXT, meta TEXT)")
-            self._db.execute("CREATE TABLE IF NOT EXISTS batches (id TEXT PRIMARY KEY, keys TEXT, done INTEGER)")
-            self._db.execute("CREATE TABLE IF NOT EXISTS batch_errors (key TEXT PRIMARY KEY, attempts INTEGER, "
-                             "error TEXT)")
-        except sqlite3.DatabaseError as e:
-            fail(f"the cache {self.path} is corrupted ({e}); move it away to start it afresh "
-                 f"(its answers would then be asked for again).")
+        for attempt in range(61):
+            try:
+                self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=60)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, value TEXT, meta TEXT)")
+                self._db.execute("CREATE TABLE IF NOT EXISTS batches (id TEXT PRIMARY KEY, keys TEXT, done INTEGER)")
+                self._db.execute("CREATE TABLE IF NOT EXISTS batch_errors (key TEXT PRIMARY KEY, attempts INTEGER, "
+                                 "error TEXT)")
+                break
+            except sqlite3.OperationalError as e:  # the processes of a data-parallel run opening a new file at once:
+                if "locked" not in str(e) or attempt == 60:  # switching it to WAL does not wait for a lock
+                    fail(f"the cache {self.path} cannot be opened ({e}); is another step using it?")
+                time.sleep(1)
+            except sqlite3.DatabaseError as e:
+                fail(f"the cache {self.path} is corrupted ({e}); move it away to start it afresh "
+                     f"(its answers would then be asked for again).")
 
     @staticmethod
     def key(*parts) -> str:
