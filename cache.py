@@ -11,6 +11,7 @@ import hashlib
 import json
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 from utils import fail
@@ -18,17 +19,24 @@ from utils import fail
 
 def connect(path: Path, *tables: str) -> sqlite3.Connection:
     """A connection to the SQLite file `path` (created where absent), shareable by threads, with these tables
-    ("name (columns)") created where absent; a corrupted file stops the step with a message."""
+    ("name (columns)") created where absent; a corrupted file stops the step with a message.  The processes of a
+    data-parallel run may open a new file at once: switching it to WAL does not wait for another's lock, so a
+    "locked" file is tried again, once a second for a minute."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=60)
-        db.execute("PRAGMA journal_mode=WAL")
-        for table in tables:
-            db.execute(f"CREATE TABLE IF NOT EXISTS {table}")
-    except sqlite3.DatabaseError as e:
-        fail(f"the cache {path} is corrupted ({e}); move it away to start it afresh "
-             f"(its answers would then be asked for again).")
-    return db
+    for attempt in range(61):
+        try:
+            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=60)
+            db.execute("PRAGMA journal_mode=WAL")
+            for table in tables:
+                db.execute(f"CREATE TABLE IF NOT EXISTS {table}")
+            return db
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or attempt == 60:
+                fail(f"the cache {path} cannot be opened ({e}); is another step using it?")
+            time.sleep(1)
+        except sqlite3.DatabaseError as e:
+            fail(f"the cache {path} is corrupted ({e}); move it away to start it afresh "
+                 f"(its answers would then be asked for again).")
 
 
 def select_in(db: sqlite3.Connection, lock: threading.Lock, query: str, keys) -> list[tuple]:

@@ -217,23 +217,46 @@ class Expert:
         """Answer every question (one user turn each): greedy when temperature is 0, sampled otherwise.  Left-padded
         batches of similar length; the same answers as one question at a time.  `keys`: the cache keys (default: a
         hash of the model, the prompt and the settings)."""
-        model, tokenizer = self.model, self.tokenizer
         max_new_tokens = max_new_tokens or self.max_new_tokens
-        texts = [chat_text(tokenizer, q) for q in questions]
+        texts = [chat_text(self.tokenizer, q) for q in questions]
         ids = self.encode(texts)
         keys = keys or [ResultCache.key("generate", self.model_id, t, max_new_tokens, temperature, seed) for t in texts]
-        sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else \
-            dict(do_sample=False, temperature=None, top_p=None, top_k=None)
 
         def compute(batch, rows):
-            if temperature > 0:  # a seed per batch, and batches depend on the inputs only: reruns sample the same
-                torch.manual_seed(seed * 1_000_003 + rows[0])
-            inputs = _pad(tokenizer, batch, "left").to(model.device)
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=stop_token_ids(model, tokenizer), **sampling)
-            return tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            new = self._new_tokens(batch, rows, max_new_tokens, temperature, seed)
+            return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
         return _run_batched(keys, ids, batch_size or self.batch_size, self.cache, desc, compute)
+
+    @torch.no_grad()
+    def cut_off(self, questions, max_new_tokens: int, *, temperature: float = 0.0, top_p: float | None = None,
+                seed: int = 0, desc: str | None = "cut-off probe") -> np.ndarray:
+        """Whether each answer, generated as `generate` does (here with `top_p` too; never cached), would run to
+        `max_new_tokens` without a stop token: the answers that this length limit cuts off."""
+        ids = self.encode(chat_text(self.tokenizer, q) for q in questions)
+        stops = torch.tensor(stop_token_ids(self.model, self.tokenizer))
+
+        def compute(batch, rows):
+            new = self._new_tokens(batch, rows, max_new_tokens, temperature, seed, top_p)
+            stopped = torch.isin(new, stops.to(new.device)).any(dim=1)
+            return (~stopped & (new.shape[1] >= max_new_tokens)).tolist()
+
+        return np.array(_run_batched(list(range(len(ids))), ids, self.batch_size, None, desc, compute), dtype=bool)
+
+    def _new_tokens(self, batch, rows, max_new_tokens: int, temperature: float, seed: int, top_p=None):
+        """The tokens generated after each token-id list of a batch (left-padded together; padding after a stop):
+        greedy when temperature is 0, else sampled with a seed per batch (batches depend on the inputs only, so reruns
+        sample the same)."""
+        model, tokenizer = self.model, self.tokenizer
+        if temperature > 0:
+            torch.manual_seed(seed * 1_000_003 + rows[0])
+            sampling = dict(do_sample=True, temperature=temperature, **({"top_p": top_p} if top_p else {}))
+        else:
+            sampling = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        inputs = _pad(tokenizer, batch, "left").to(model.device)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=stop_token_ids(model, tokenizer), **sampling)
+        return out[:, inputs["input_ids"].shape[1]:]
 
     @torch.no_grad()
     def score(self, questions, *, desc: str | None = "scoring", batch_size: int | None = None,

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from prompts import predictor_prompts
+
 TAU = 0.1
 MAX_SAMPLE_NUM = 10
 FORBIDDEN_WORDS = ["1.0", "2.0", "3.0", "4.0", "5.0", "rating ", "star ", "stars "]
@@ -70,3 +72,13 @@ def grpo_reward(predicted, truth, reasons, cut_off, forbidden_penalty: float = 1
     cut = np.array([bool(c) or not r.strip() for r, c in zip(reasons, cut_off)], dtype=bool)
     error = np.abs(np.asarray(predicted, dtype=float) - np.asarray(truth, dtype=float))
     return -error - forbidden_penalty * forbidden - cutoff_penalty * cut, forbidden, cut
+
+
+def predictor_reward(predictor, product_class: str, titles, histories, reasons, truth, cut_off,
+                     forbidden_penalty: float = 1.0, cutoff_penalty: float = 1.0):
+    """4_GRPO/1's reward of a batch of sampled reasons: `grpo_reward`, given the frozen Predictor's logits-weighted
+    rating of each target (`titles[i]`, `histories[i]`) with its reason, all scored in one batched pass (each process
+    of a data-parallel run scores its own)."""
+    ratings = predictor.score(predictor_prompts(product_class, titles, histories, reasons), batch_size=len(reasons),
+                              desc=None, share=False)
+    return grpo_reward(ratings, truth, reasons, cut_off, forbidden_penalty, cutoff_penalty)

@@ -38,7 +38,7 @@ if [ -z "${DATASET:-}" ]; then
     DISTILL_ARGS="${DISTILL_ARGS-"--max_sample_num 2"}"
     GEN_ARGS="${GEN_ARGS-"--max_new_tokens 64 --batch_size 16"}"
     TRAIN_ARGS="${TRAIN_ARGS-"--num_train_epochs 1 --max_steps 4 --per_device_train_batch_size 4 --warmup_steps 0 --save_strategy steps --save_steps 2"}"
-    GRPO_ARGS="${GRPO_ARGS-"--max_steps 2 --num_generations 4 --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --max_completion_length 64 --mask_truncated_completions false --save_strategy steps --save_steps 1 --per_device_eval_batch_size 16"}"
+    GRPO_ARGS="${GRPO_ARGS-"--max_steps 2 --num_generations 4 --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --max_completion_length 64 --mask_truncated_completions false --save_strategy steps --save_steps 1 --per_device_eval_batch_size 16 --max_new_tokens 64"}"
     DEMO=1
 fi
 : "${MODEL_PATH:?set MODEL_PATH to the base model folder}"

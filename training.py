@@ -5,16 +5,19 @@ exported as <output>/final_checkpoint with its selection.json, training log and 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import time
+from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import TrainerCallback
-from trl import TrlParser
+from trl import GRPOConfig, TrlParser
 
 import llm
 import parallel
@@ -55,6 +58,49 @@ def keep_global_batch(config, exact: bool = True):
         fail(f"the global batch {per_device} x {accumulation} cannot be split over {n} processes; pass "
              f"--per_device_train_batch_size / --gradient_accumulation_steps that can, or --exact_global_batch false "
              f"to train with {per_device * accumulation * n} per step")
+
+
+@dataclass
+class GRPOArguments(GRPOConfig):
+    """GRPOConfig's settings as parsed, not yet built: GRPOConfig derives its generation schedule (generation_batch_size,
+    steps_per_generation) from the batch when it is built, so `grpo_batch` builds it once the batch is final."""
+
+    def __post_init__(self):
+        pass
+
+
+def grpo_batch(parsed: GRPOArguments, prompts_per_step: int):
+    """GRPO's batch, set by the prompts per optimizer step (each sampled num_generations times): their completions are
+    shared evenly by the processes, each taking at most its per-device batch per forward pass and accumulating the
+    rest.  Returns the GRPOConfig built with that batch, so that every optimizer step generates once, for its own
+    prompts; a generation schedule given by hand, or derived otherwise, is refused."""
+    n, completions = parallel.world_size(), prompts_per_step * parsed.num_generations
+    if parsed.generation_batch_size is not None or parsed.steps_per_generation is not None:
+        fail("--generation_batch_size and --steps_per_generation are derived here from --prompts_per_step (every "
+             "optimizer step generates for its own prompts); leave them out")
+    if prompts_per_step < 1 or completions % n:
+        fail(f"--prompts_per_step {prompts_per_step} x --num_generations {parsed.num_generations} = {completions} "
+             f"completions per optimizer step cannot be shared evenly by {n} processes")
+    per_process = completions // n
+    per_device = min(parsed.per_device_train_batch_size, per_process)
+    if per_process % per_device:
+        fail(f"each of the {n} processes computes {per_process} completions per optimizer step, which "
+             f"--per_device_train_batch_size {per_device} does not divide; pass one that does")
+    accumulation = per_process // per_device
+    if parsed.gradient_accumulation_steps not in (1, accumulation):
+        fail(f"--gradient_accumulation_steps is derived here from --prompts_per_step ({accumulation} with these "
+             f"settings), not {parsed.gradient_accumulation_steps}; leave it out")
+    settings = {f.name: getattr(parsed, f.name) for f in dataclasses.fields(GRPOConfig) if f.init}
+    config = GRPOConfig(**{**settings, "per_device_train_batch_size": per_device,
+                           "gradient_accumulation_steps": accumulation,
+                           # on a CPU, transformers makes NUM_GPUS gloo processes one group only with use_cpu
+                           "use_cpu": settings["use_cpu"] or not torch.cuda.is_available()})
+    if (config.generation_batch_size, config.per_device_train_batch_size * config.steps_per_generation * n) != \
+            (completions, completions):
+        fail(f"the trainer derived a generation batch of {config.generation_batch_size} completions "
+             f"({config.per_device_train_batch_size} per device x {config.steps_per_generation} steps x {n} processes) "
+             f"instead of the {completions} of one optimizer step")
+    return config
 
 
 def global_batch(config) -> int:
@@ -161,8 +207,8 @@ def export(source, folder: Path, save_lm_head: bool = True):
         folder.mkdir(parents=True)
         for name in ("adapter_model.safetensors", "adapter_config.json"):
             shutil.copy2(source / name, folder / name)
-    else:
-        source.save_pretrained(folder)
+    else:  # the trained adapter alone (GRPO's model also holds TRL's frozen "ref" copy of it)
+        source.save_pretrained(folder, selected_adapters=[source.active_adapter])
     config_file = folder / "adapter_config.json"
     adapter_config = json.loads(config_file.read_text())
     if isinstance(adapter_config.get("target_modules"), list):
@@ -198,26 +244,31 @@ def replace_atomically(final: Path, folder: Path):
 
 
 def finish(trainer, tokenizer, output: Path, record: dict, *, metric=None, metric_name: str | None = None,
-           select_on_valid: bool = True, save_lm_head: bool = True):
+           select_on_valid: bool = True, save_lm_head: bool = True, start: Path | None = None):
     """Choose and save the adapter: <output>/final_checkpoint, with selection.json (every candidate and its validation
     metric, and the one chosen), log_history.json and provenance.json (`record`); an earlier final_checkpoint is
     replaced atomically (see replace_atomically).
 
-    The candidates are the run's checkpoints and its final state.  With a `metric` (lower is better) each is scored
-    on the validation rows and, with `select_on_valid`, the best is kept; otherwise the final state is kept, as the
-    official code does."""
+    The candidates are the run's checkpoints and its final state, and `start`, the adapter that training started from
+    (GRPO's SFT Reasoner), as step 0: training must beat it to be kept.  With a `metric` (lower is better) each is
+    scored on the validation rows and, with `select_on_valid`, the best is kept (the earliest of equals); otherwise the
+    final state is kept, as the official code does."""
     staging = output / ".final_checkpoint.tmp"
     final_step = trainer.state.global_step
-    sources = {c.name: c for c in complete_checkpoints(output) if _step(c) < final_step} if metric else {}
-    sources["final state"] = trainer.model
+    sources = {}  # name: (adapter folder or model, step)
+    if metric and start is not None:
+        sources["start"] = (start, 0)
+    if metric:
+        sources.update((c.name, (c, _step(c))) for c in complete_checkpoints(output) if _step(c) < final_step)
+    sources["final state"] = (trainer.model, final_step)
     if parallel.is_main_process():
         shutil.rmtree(staging, ignore_errors=True)
-        for name, source in sources.items():
+        for name, (source, _) in sources.items():
             export(source, staging / name.replace(" ", "_"), save_lm_head)
     parallel.barrier()
-    candidates = [{"candidate": name, "step": _step(s) if isinstance(s, Path) else final_step,
+    candidates = [{"candidate": name, "step": step,
                    "valid_metric": metric(staging / name.replace(" ", "_")) if metric else None}
-                  for name, s in sources.items()]
+                  for name, (_, step) in sources.items()]
     chosen = min(candidates, key=lambda c: c["valid_metric"]) if metric and select_on_valid else candidates[-1]
     selection = {"expert": output.name, "metric": metric_name, "select_on_valid": select_on_valid,
                  "candidates": candidates, "chosen": chosen["candidate"], "chosen_step": chosen["step"],

@@ -65,7 +65,7 @@ SETTINGS = {
                prep_train="--max_steps 1 --per_device_train_batch_size 4 --save_strategy no",
                grpo="--max_steps 2 --num_generations 4 --per_device_train_batch_size 4 --gradient_accumulation_steps 1 "
                     "--max_completion_length 32 --mask_truncated_completions false --save_strategy no "
-                    "--per_device_eval_batch_size 32",
+                    "--per_device_eval_batch_size 32 --max_new_tokens 32",
                values="--n 8 --batch_size 4",
                bench="--steps 12 --batch_size 4 --words 400"),
     "tiny": dict(gen="--max_new_tokens 12 --batch_size 16",
@@ -73,7 +73,7 @@ SETTINGS = {
                  prep_train="--max_steps 1 --per_device_train_batch_size 4 --max_len 2048 --save_strategy no",
                  grpo="--max_steps 2 --num_generations 2 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 "
                       "--max_completion_length 8 --mask_truncated_completions false --save_strategy no "
-                      "--per_device_eval_batch_size 16",
+                      "--per_device_eval_batch_size 16 --max_new_tokens 12",
                  values="--n 8 --batch_size 4",
                  bench="--steps 4 --batch_size 2 --words 60"),
 }

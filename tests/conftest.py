@@ -70,7 +70,7 @@ FAST = {"TRAIN_ARGS": "--max_steps 2 --per_device_train_batch_size 4 --max_len 2
         "GEN_ARGS": "--max_new_tokens 12 --batch_size 16",
         "GRPO_ARGS": "--max_steps 2 --num_generations 2 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 "
                      "--max_completion_length 8 --mask_truncated_completions false --save_strategy steps "
-                     "--save_steps 1 --per_device_eval_batch_size 16"}
+                     "--save_steps 1 --per_device_eval_batch_size 16 --max_new_tokens 12"}
 
 
 def full_run(root: Path, real_slice: Path, model: str, **env) -> tuple[Path, str, TeacherServer]:

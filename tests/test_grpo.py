@@ -6,13 +6,15 @@ import shutil
 import signal
 import subprocess
 import time
+from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
 from conftest import DATASET, FAST, REPO, environment, pipeline_env, run
-from reason_filter import grpo_reward
+from reason_filter import grpo_reward, predictor_reward
 
 GRPO = FAST["GRPO_ARGS"].split()
 ADAPTER = "final_checkpoint/adapter_model.safetensors"
@@ -39,14 +41,52 @@ def test_the_reward_falls_with_the_predictors_error_and_applies_each_penalty():
     assert grpo_reward([1.0], [4.0], ["x"], [False])[0][0] < grpo_reward([3.0], [4.0], ["x"], [False])[0][0]
 
 
-def test_a_grpo_step_changes_the_reasoner(finished):
+@pytest.mark.parametrize("base", ["tiny", "smollm2"])
+def test_the_grpo_reward_is_the_same_when_the_predictor_returns_every_position(tiny_model, base):
+    """4_GRPO/1's reward (reason_filter.predictor_reward: the Predictor's rating of a batch of reasons of several
+    lengths, scored in one right-padded pass) through a model that answers as Unsloth's fast forward does, every
+    position's logits for a tensor logits_to_keep (unsloth_like), equals the reward through transformers'."""
+    import llm
+    import unsloth_like
+    from histories import History, Review
+    from peft import LoraConfig, get_peft_model
+
+    path = tiny_model if base == "tiny" else REPO / "models" / "SmolLM2-135M-Instruct"
+    if not (Path(path) / "config.json").exists():
+        pytest.skip(f"{path} is not here: run setup.sh")
+    predictor = llm.load_model(path)  # no cache: both passes compute
+    predictor.model = get_peft_model(predictor.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                 init_lora_weights=False))
+    past = [Review(f"Strings {i}", float(i % 5 + 1), "bright, warm tone " * (i + 1), 1000 + i) for i in range(6)]
+    histories = [History(past[:k], past[k:], 3.5, 4.0, k, 6 - k) for k in range(4)]
+    titles = ["Capo", "Tuner", "Picks", "Strap"]
+    reasons = ["It fits the user's taste for warm tones.", "", "a 5.0 album " * 3, "long, detailed praise " * 12]
+    truth, cut_off = [4.0, 2.0, 5.0, 1.0], [False, False, False, True]
+
+    def reward():
+        return predictor_reward(predictor, "Musical Instruments", titles, histories, reasons, truth, cut_off)
+
+    expected = reward()
+    with unsloth_like.fast_forward(predictor.model):
+        got = reward()
+    np.testing.assert_allclose(got[0], expected[0], rtol=0, atol=1e-5)
+    assert (got[1] == expected[1]).all() and (got[2] == expected[2]).all()
+
+
+def test_a_grpo_step_changes_the_reasoner_and_must_beat_it_to_be_kept(finished):
     root = finished[0]
-    sft, refined = weights(experts(root) / "Reasoner" / "final_checkpoint"), weights(
-        experts(root) / "Reasoner_GRPO" / "final_checkpoint")
+    out = experts(root) / "Reasoner_GRPO"
+    sft, refined = weights(experts(root) / "Reasoner" / "final_checkpoint"), weights(out / "checkpoint-2")
     assert sft.keys() == refined.keys() and differs(sft, refined) > 0
-    selection = json.loads((experts(root) / "Reasoner_GRPO" / "selection.json").read_text())
-    assert all(c["valid_metric"] is not None for c in selection["candidates"]) and len(selection["candidates"]) == 2
+    selection = json.loads((out / "selection.json").read_text())
+    assert [(c["candidate"], c["step"]) for c in selection["candidates"]] == [
+        ("start", 0), ("checkpoint-1", 1), ("final state", 2)]  # the SFT Reasoner is a candidate
+    assert all(c["valid_metric"] is not None for c in selection["candidates"])
     assert selection["chosen"] == min(selection["candidates"], key=lambda c: c["valid_metric"])["candidate"]
+    kept = weights(out / "final_checkpoint")
+    assert differs(kept, sft if selection["chosen"] == "start" else refined if selection["chosen"] == "final state"
+                   else weights(out / selection["chosen"])) == 0
+    assert not (out / "final_checkpoint" / "ref").exists()  # the trained adapter alone, not TRL's frozen copy
 
 
 def copy(finished, dest):
@@ -75,16 +115,58 @@ def test_a_killed_grpo_run_resumes_to_the_adapter_of_an_uninterrupted_one(finish
     assert a.keys() == b.keys() and differs(a, b) < 1e-6
 
 
-def test_a_run_whose_completions_are_all_cut_off_says_it_learned_nothing(finished, tmp_path, tiny_model):
+def test_grpo_refuses_with_numbers_when_masking_would_erase_most_completions_and_else_says_it_learned_nothing(
+        finished, tmp_path, tiny_model):
+    """The SFT Reasoner's reasons, sampled before training, all run past 3 tokens: with truncated completions masked
+    the run is refused, with the numbers; asked to train anyway, it learns nothing and says so."""
     work = copy(finished, tmp_path / "w")
     args = [a for a in GRPO if a not in ("--mask_truncated_completions", "false")] + ["--max_completion_length", "3",
                                                                                      "--select_on_valid", "false"]
-    out = run("4_GRPO/1_reasoner_grpo_train.sh", *args, cwd=work, env=pipeline_env(tiny_model)).stdout
+    refused = run("4_GRPO/1_reasoner_grpo_train.sh", *args, "--cutoff_probe", "4", cwd=work,
+                  env=pipeline_env(tiny_model), check=False)
+    assert refused.returncode != 0
+    assert "4 of 4 reasons (100%) that the SFT Reasoner samples for the first targets are cut off at " \
+           "--max_completion_length 3" in refused.stderr
+    assert not (experts(work) / "Reasoner_GRPO" / "final_checkpoint").exists()
+    out = run("4_GRPO/1_reasoner_grpo_train.sh", *args, "--max_cutoff_rate", "1", cwd=work,
+              env=pipeline_env(tiny_model)).stdout
     assert "GRPO learned nothing" in out
     provenance = json.loads((experts(work) / "Reasoner_GRPO" / "final_checkpoint" / "provenance.json").read_text())
     assert provenance["settings"]["learned_nothing"] is True
+    probe = provenance["settings"]["cutoff_probe"]
+    assert probe["cut_off"] == probe["targets"] > 0 and probe["rate"] == 1.0
     assert differs(weights(experts(work) / "Reasoner" / "final_checkpoint"),
                    weights(experts(work) / "Reasoner_GRPO" / "final_checkpoint")) == 0
+
+
+def test_a_quick_run_on_a_few_targets_is_another_job_than_the_full_run(finished, tmp_path, tiny_model):
+    """--limit (or --sample) trains on other targets: the full run must not resume from the quick run's checkpoints."""
+    work = copy(finished, tmp_path / "w")
+    quick = GRPO + ["--select_on_valid", "false", "--cutoff_probe", "0"]
+    run("4_GRPO/1_reasoner_grpo_train.sh", *quick, "--limit", "4", "--max_steps", "1", cwd=work,
+        env=pipeline_env(tiny_model))
+    full = run("4_GRPO/1_reasoner_grpo_train.sh", *quick, "--max_steps", "1", cwd=work, env=pipeline_env(tiny_model),
+               check=False)
+    assert full.returncode != 0 and "holds checkpoints of another training job" in full.stderr
+    assert "limit 4 -> None" in full.stderr and "target_rows 4 -> " in full.stderr
+
+
+@pytest.mark.parametrize("reference", ["sft", "base"])
+def test_the_kl_reference_is_the_one_asked_for_and_recorded(finished, tmp_path, tiny_model, reference):
+    """TRL's KL at the first step shows what it measured against: 0 against a frozen copy of the SFT adapter (the policy
+    itself, before any update; without dropout, which would make the two passes differ), more against the base model
+    (the SFT adapter, planted larger here than two tiny training steps make it, changes the model)."""
+    work = copy(finished, tmp_path / "w")
+    sft = experts(work) / "Reasoner" / "final_checkpoint" / "adapter_model.safetensors"
+    save_file({k: v + 0.05 * k.endswith("lora_B.weight") for k, v in load_file(sft).items()}, sft,
+              metadata={"format": "pt"})
+    run("4_GRPO/1_reasoner_grpo_train.sh", *GRPO, "--max_steps", "1", "--select_on_valid", "false", "--kl_reference",
+        reference, "--disable_dropout", "true", cwd=work, env=pipeline_env(tiny_model))
+    kept = experts(work) / "Reasoner_GRPO" / "final_checkpoint"
+    first = json.loads((kept / "log_history.json").read_text())[0]
+    assert (first["kl"] == 0) == (reference == "sft")
+    provenance = json.loads((kept / "provenance.json").read_text())["settings"]
+    assert provenance["kl_reference"]["used"] == reference == provenance["job"]["kl_reference"]
 
 
 def test_selection_keeps_the_best_validation_checkpoint_when_the_last_is_planted_worse(finished, tmp_path, tiny_model):
@@ -126,3 +208,38 @@ def test_select_on_valid_false_keeps_the_final_state_as_the_official_code(finish
 def test_experts_without_a_validation_metric_keep_their_final_state(finished, expert):
     selection = json.loads((experts(finished[0]) / expert / "selection.json").read_text())
     assert selection["chosen"] == "final state" and "no validation metric" in selection["why"]
+
+
+# A few GRPO steps over 8 targets, 2 per optimizer step, each sampled twice: one epoch is 4 optimizer steps.
+SPIED = ["--config", str(REPO / "4_GRPO" / "reasoner_grpo.yaml"), "--limit", "8", "--num_train_epochs", "1",
+         "--prompts_per_step", "2", "--num_generations", "2", "--per_device_train_batch_size", "1",
+         "--max_completion_length", "8", "--mask_truncated_completions", "false", "--save_strategy", "no",
+         "--select_on_valid", "false", "--cutoff_probe", "0"]
+
+
+def generation_rounds(work, processes: str, model: str) -> list[dict]:
+    """What each process generated for, per optimizer step (tests/grpo_spy.py), in a run on `processes` processes."""
+    run("tests/grpo_spy.py", *SPIED, cwd=work, env=pipeline_env(model, NUM_GPUS=processes, GRPO_SPY=str(work / "spy")))
+    return [json.loads(line) for f in sorted(work.glob("spy.*")) for line in f.read_text().splitlines()]
+
+
+def test_grpo_on_two_processes_generates_for_every_target_once_and_for_the_prompts_of_one(finished, tmp_path,
+                                                                                            tiny_model):
+    """Two gloo processes, as NUM_GPUS=2 launches them: in one epoch every target's reasons are generated in one round,
+    by one process, and each optimizer step covers the same targets as on one process (TRL's sampler and generation
+    schedule follow the batch the processes really share)."""
+    rounds = {n: generation_rounds(copy(finished, tmp_path / f"n{n}"), n, tiny_model) for n in ("1", "2")}
+    two = rounds["2"]
+    assert {r["process"] for r in two} == {0, 1}
+    where = defaultdict(list)  # target: (process, step) of each of its generated reasons
+    for r in two:
+        for row in r["rows"]:
+            where[row].append((r["process"], r["step"]))
+    assert sorted(where) == list(range(8))  # every target of the epoch
+    assert all(len(w) == 2 and len(set(w)) == 1 for w in where.values())  # its 2 reasons: one round, one process
+
+    def per_step(records):
+        return {s: sorted({row for r in records if r["step"] == s for row in r["rows"]}) for s in
+                sorted({r["step"] for r in records})}
+
+    assert per_step(two) == per_step(rounds["1"]) and len(per_step(two)) == 4

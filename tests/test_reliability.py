@@ -325,3 +325,31 @@ def test_the_api_key_is_never_written_anywhere(finished):
     for path in root.rglob("*"):
         if path.is_file():
             assert key not in path.read_bytes(), path
+
+
+def _open_cache(path, barrier, results):
+    barrier.wait()  # every process at once, as the processes of a data-parallel step start
+    try:
+        ResultCache(path)
+        results.put("opened")
+    except SystemExit as e:
+        results.put(str(e))
+
+
+def test_processes_opening_a_new_cache_at_once_all_open_it(tmp_path):
+    """The processes of a data-parallel step open the step's cache at the same moment; on a new file, SQLite answers
+    one of them "database is locked" while another switches it to WAL, without waiting (seen: 7 of 1,200 opens failed
+    here as "corrupted").  Each must open it."""
+    import multiprocessing
+
+    context, failed = multiprocessing.get_context("fork"), []
+    for attempt in range(150):
+        barrier, results = context.Barrier(8), context.Queue()
+        workers = [context.Process(target=_open_cache, args=(tmp_path / f"{attempt}.sqlite", barrier, results))
+                   for _ in range(8)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        failed += [r for r in (results.get() for _ in workers) if r != "opened"]
+    assert not failed, failed[:3]
