@@ -31,7 +31,6 @@ reads   Data/<dataset>/review_8000.pkl (or distilling_high_quality_reasons.pkl),
         raw_data/valid.pkl, checkpoints/<dataset>/Reasoner/final_checkpoint, checkpoints/<dataset>/Predictor/...
 writes  checkpoints/<dataset>/Reasoner_GRPO/  (checkpoints, final_checkpoint with selection.json, provenance.json)
 """
-import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,7 +47,7 @@ from histories import load_histories
 from prompts import TestPromptArguments, predictor_prompts, reason_prompt
 from reason_filter import predictor_reward
 from transformers import set_seed
-from settings import ValidArguments, read_split, read_table
+from settings import ModelPlaces, ValidArguments, read_split, read_table
 from trl import GRPOTrainer
 from utils import fail, provenance, require_model, sha256
 
@@ -58,7 +57,7 @@ KL_REFERENCES = {"sft": "a frozen copy of the SFT Reasoner's adapter (TRL's \"re
 
 
 @dataclass
-class ReasonerGRPOArguments:
+class ReasonerGRPOArguments(ModelPlaces):
     targets: str = field(default="reward", metadata={
         "help": "reward: review_8000.pkl, targets the Predictor never trained on; kept: the fork's choice, "
                 "distilling_high_quality_reasons.pkl"})
@@ -70,15 +69,10 @@ class ReasonerGRPOArguments:
         "help": "what the KL term (beta) measures against: sft, a frozen copy of the SFT Reasoner's adapter (TRL's "
                 "choice), or base, the base model with the adapter disabled (the fork's, and Unsloth's patched "
                 "trainer's); default: what the trainer does, sft with transformers, base with Unsloth"})
-    checkpoint_dir: str = field(default_factory=lambda: os.environ.get("CHECKPOINT_DIR", "checkpoints"),
-                                metadata={"help": "where the adapters are (default: $CHECKPOINT_DIR, else checkpoints)"})
     reasoner_path: str | None = field(default=None, metadata={
         "help": "the SFT Reasoner's adapter to start from (default: <checkpoint_dir>/<dataset>/Reasoner/final_checkpoint)"})
     predictor_path: str | None = field(default=None, metadata={
         "help": "the frozen Predictor's adapter (default: <checkpoint_dir>/<dataset>/Predictor/final_checkpoint)"})
-    model_path: str | None = field(default=None, metadata={
-        "help": "the base model, where the adapters' own record of it is out of date (see llm.base_of)"})
-    load_in_4bit: str = field(default="auto", metadata={"help": "true/false; auto: on a CUDA GPU"})
     forbidden_penalty: float = field(default=1.0, metadata={"help": "subtracted from the reward of a reason that "
                                                                     "gives the rating away"})
     cutoff_penalty: float = field(default=1.0, metadata={"help": "subtracted from the reward of an empty reason or "

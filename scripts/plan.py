@@ -35,7 +35,8 @@ from prompts import (TestPromptArguments, direct_prediction_prompt, gptscore_pro
                      rating_answer, rating_prompt, reason_prompt, summary_prompt)
 from reason_filter import FilterArguments  # noqa: E402
 from teacher import CHARS_PER_TOKEN, GUESSED_ANSWER_TOKENS, Teacher  # noqa: E402
-from utils import REPO, ValidArguments, parse_args, read_split, read_table  # noqa: E402
+from settings import ValidArguments, parse_args, read_split, read_table  # noqa: E402
+from utils import REPO  # noqa: E402
 
 JUDGE_ANSWER_TOKENS = 40  # "Score: N" and one sentence, as prompts.JUDGE_TEMPLATE asks
 
@@ -153,8 +154,6 @@ def main(argv=None):
     if len(eligible) < total:
         n_reward, total = round(len(eligible) * n_reward / total), len(eligible)
     n_reason = total - n_reward
-    reward_rows = [contexts[i] for i in eligible[:n_reward]]  # representative: every eligible target is alike here
-    reason_rows = [contexts[i] for i in eligible[n_reward:total]]
     titles = train.title.to_numpy()
     reward_train = [rating_prompt(c, titles[i], contexts[i], train.reviews[i]) + rating_answer(5)
                     for i in eligible[:n_reward]]
@@ -204,6 +203,7 @@ def main(argv=None):
     group, length = grpo["num_generations"], grpo["max_completion_length"]
     steps = math.ceil(n_reward / per_step) * grpo["num_train_epochs"]
     completions = steps * per_step * group
+    reward_rows = [contexts[i] for i in eligible[:n_reward]]  # GRPO's targets: the reward model's
     reasoned = [rating_prompt(c, h_t, h, answer_chars) for h_t, h in zip(titles[eligible[:n_reward]], reward_rows)]
     grpo_prompts = [reason_prompt(c, t, h) for t, h in zip(titles[eligible[:n_reward]], reward_rows)]
     mean_prompt = tokens(grpo_prompts) / max(n_reward, 1)
