@@ -19,7 +19,8 @@
 # Settings that shape prompts (the product class, the history length) are recorded in Data/<dataset>/dataset.json
 # when the data is prepared (the demo: PREPARE_ARGS="--max_his 5"), and every step uses them.
 # Data/ and checkpoints/ are read and written under the current folder, as by every step.  STEP_LOG=file appends a
-# line per finished step (number, name, start and end times), PYTHON=interpreter replaces `python`.
+# line per finished step (its label, "step N" or "demo setup", its name, start and end times), PYTHON=interpreter
+# replaces `python`.
 # Stops at the first failing step and names it.
 set -euo pipefail
 R="$(cd "$(dirname "$0")" && pwd)"  # the repository
@@ -46,28 +47,29 @@ DATA="${DATA_DIR:-Data}/$DATASET"
 
 started=$SECONDS
 step_number=0
-step() {  # step NAME COMMAND...: run one step, timed; on failure, name it and stop
-    local name="$1"; shift
-    step_number=$((step_number + 1))
+timed() {  # timed LABEL NAME COMMAND...: run one command, timed; on failure, name it and stop
+    local label="$1" name="$2"; shift 2
     local t0=$SECONDS start
     start=$(date +%s.%N)
-    echo; echo "== step $step_number: $name"
+    echo; echo "== $label: $name"
     if ! "$@"; then
-        echo "run_all: step $step_number ($name) failed: $*" >&2
+        echo "run_all: $label ($name) failed: $*" >&2
         exit 1
     fi
-    echo "== step $step_number: $name took $((SECONDS - t0)) s"
-    if [ -n "${STEP_LOG:-}" ]; then printf '%s\t%s\t%s\t%s\n' "$step_number" "$name" "$start" "$(date +%s.%N)" >> "$STEP_LOG"; fi
+    echo "== $label: $name took $((SECONDS - t0)) s"
+    if [ -n "${STEP_LOG:-}" ]; then printf '%s\t%s\t%s\t%s\n' "$label" "$name" "$start" "$(date +%s.%N)" >> "$STEP_LOG"; fi
 }
+step() { step_number=$((step_number + 1)); timed "step $step_number" "$@"; }  # one of the pipeline's 27 steps
+setup() { timed "demo setup" "$@"; }
 python() { if [ -n "${PYTHON:-}" ]; then "$PYTHON" "$@"; else command python "$@"; fi; }
 
 if [ -n "${DEMO:-}" ]; then  # the demo's own setup
     if [ ! -f "$MODEL_PATH/config.json" ]; then
-        step "convert the embedded SmolLM2-135M-Instruct" python "$R/scripts/prepare_default_model.py" --output "$MODEL_PATH"
+        setup "convert the embedded SmolLM2-135M-Instruct" python "$R/scripts/prepare_default_model.py" --output "$MODEL_PATH"
     fi
     if [ ! -f "$DATA/raw_data/train.pkl" ]; then
         RAW="$(python "$R/scripts/demo_reviews.py" --download)"
-        step "prepare a dense slice of at most $DEMO_REVIEWS reviews" python "$R/Data/prepare_data.py" --input "$RAW" \
+        setup "prepare a dense slice of at most $DEMO_REVIEWS reviews" python "$R/Data/prepare_data.py" --input "$RAW" \
             --dataset "$DATASET" --dense_slice "$DEMO_REVIEWS" ${PREPARE_ARGS:-}
     else
         echo "== $DATA/raw_data already prepared: not preparing it again"
@@ -107,4 +109,4 @@ step "Evaluate: ratings"                      python "$R/3_Predictor/4_evaluate.
 JUDGE_ARGS="${JUDGE_ARGS-$([ "${TEACHER:-openai}" = local ] || echo --judge)}"
 step "Evaluate: reasons"                      python "$R/3_Predictor/5_evaluate_reasons.py" ${JUDGE_ARGS:-} ${DATA_ARGS:-}
 }
-echo; echo "run_all: all $step_number steps done in $((SECONDS - started)) s"
+echo; echo "run_all: all $step_number steps done in $((SECONDS - started)) s (the demo's setup included)"

@@ -5,7 +5,7 @@ A local OpenAI-protocol server (tests/teacher_server.py) answers every chat comp
 API, and speaks the Batch API too; it counts every request it bills, one by one or as a line of a finished batch.  The
 same 200 requests go through the project's Teacher (the real openai client) in a fresh process each time.  The local
 server moves a batch one status on at every poll (validating, in_progress, finalizing, completed), so the Batch API's
-wall time here is the client's polling schedule only (TEACHER_BATCH_POLL=0.5): a real batch takes minutes to 24 hours.
+wall time in this benchmark is the client's polling schedule only (TEACHER_BATCH_POLL=0.5): a real batch takes minutes to 24 hours.
 
 Stops: a run is stopped half way, then run again, and the server counts the requests it billed twice.  One by one,
 the stop comes while at least half of TEACHER_CONCURRENCY requests are open at the server (and after every answer

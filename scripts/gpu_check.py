@@ -24,9 +24,9 @@ Two processes, one per backend, so that each is imported once (Unsloth's import 
 Each script runs in its process as `python script args` would run it (runpy, run_name "__main__", its own sys.argv);
 a *_train.sh is run as the Python command it would exec.  NUM_GPUS must stay unset (one process).
 
-Writes to --out (default: $OUT, else ./gpu_check_out): steps.tsv (one row per step: its start and wall time, peak GPU
-memory allocated by the process (torch) and used on the whole device (nvidia-smi, sampled every 250 ms; during prep it
-also shows main's import), the backend, 4-bit and device of every model it loaded and the ones the proof expects,
+Writes to --out (default: $GPU_CHECK_OUT, else ./gpu_check_out): steps.tsv (one row per step: its start and wall
+time, peak GPU memory allocated by the process (torch) and used on the whole device (nvidia-smi, sampled every
+250 ms; during prep it also shows main's import), the backend, 4-bit and device of every model it loaded and the ones the proof expects,
 what it measured (the largest value differences, the GRPO rewards and gradient norms), and its status), values_*.json,
 unsloth_vs_hf.json, prep.log, summary.md (printed), which ends with the verdict: "GPU proof: yes" only if every
 required step ran, on a CUDA device, with the expected backend and precision as llm.LOADS reports them, every value
@@ -340,7 +340,7 @@ def resolve_size(size: str) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out")
+    parser.add_argument("--out", default=os.environ.get("GPU_CHECK_OUT") or "gpu_check_out")
     parser.add_argument("--work", help="working folder (Data/, checkpoints/, the model); default: a new temporary one")
     parser.add_argument("--size", default="auto", choices=["auto", *SETTINGS], help="auto: 1b with CUDA, else tiny")
     parser.add_argument("--optional", default="", help="comma-separated groups beyond the proof: direct, valid, grpo, "
@@ -569,7 +569,7 @@ def summarize(rows: list[dict], steps: list[dict], out: Path, t0: float, size: s
             lines.append("(On a CPU, without 4-bit: not the setting of Unsloth's claim, faster and less memory on a "
                          "GPU; this ratio says nothing about it.)")
         elif disagree:
-            lines.append(f"This disagrees with Unsloth's claim (faster, less memory): here it is {' and '.join(disagree)}"
+            lines.append(f"This disagrees with Unsloth's claim (faster, less memory): in this run it is {' and '.join(disagree)}"
                          f" ({ratio['sequences_per_s']:.2f}x the sequences per second of transformers + PEFT, "
                          f"{ratio['peak_memory']:.2f}x its peak memory).")
     else:

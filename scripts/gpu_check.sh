@@ -2,8 +2,8 @@
 # The GPU proof in one command (scripts/gpu_check.py says what it runs and writes).  Where Unsloth is not installed,
 # it first unpacks $PACKAGES (default .gpu/bundle.tgz), the bundle that scripts/gpu_packages.sh makes of what a GPU
 # machine without a package registry lacks (Unsloth, TRL, datasets, bitsandbytes); then it runs scripts/gpu_check.py,
-# timed from before the unpacking.  The review file: $REVIEWS_FILE (or --reviews).  Results under $OUT (default
-# ./gpu_check_out); extra arguments go to gpu_check.py (e.g. --optional valid,grpo).
+# timed from before the unpacking.  The review file: $REVIEWS_FILE (or --reviews).  Results under $GPU_CHECK_OUT
+# (default ./gpu_check_out); extra arguments go to gpu_check.py (e.g. --optional valid,grpo).
 #
 #     bash scripts/gpu_packages.sh                  # once, where a registry can be reached
 #     REVIEWS_FILE=/path/to/reviews_Musical_Instruments_5.json.gz bash scripts/gpu_check.sh
@@ -12,9 +12,9 @@
 set -euo pipefail
 begin=$(date +%s.%N)
 R="$(cd "$(dirname "$0")/.." && pwd)"
-OUT="${OUT:-$R/gpu_check_out}"
+GPU_CHECK_OUT="${GPU_CHECK_OUT:-$R/gpu_check_out}"
 PACKAGES="${PACKAGES:-$R/.gpu/bundle.tgz}"
-mkdir -p "$OUT"
+mkdir -p "$GPU_CHECK_OUT"
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 if ! "$PYTHON" -c "import importlib.util as u, sys; sys.exit(not u.find_spec('unsloth'))"; then
     if [ -f "$PACKAGES" ]; then
@@ -27,4 +27,4 @@ if ! "$PYTHON" -c "import importlib.util as u, sys; sys.exit(not u.find_spec('un
     fi
 fi
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-"$PYTHON" "$R/scripts/gpu_check.py" --out "$OUT" --since "$begin" "$@" 2>&1 | tee "$OUT/gpu_check.log"
+"$PYTHON" "$R/scripts/gpu_check.py" --out "$GPU_CHECK_OUT" --since "$begin" "$@" 2>&1 | tee "$GPU_CHECK_OUT/gpu_check.log"

@@ -1,7 +1,7 @@
 """scripts/gpu_check.py, the GPU proof: on a CPU it runs every step the proof requires, in its two processes, each
 row says how its models were loaded (llm.LOADS) and what it measured (the value comparison, GRPO), and the verdict
-says no, naming why; the rules of the verdict and of GRPO's row on made-up rows and logs (a CUDA run cannot happen
-here)."""
+says no, naming why; the rules of the verdict and of GRPO's row on made-up rows and logs (the tests run
+without a CUDA device)."""
 import csv
 import json
 import math

@@ -190,7 +190,7 @@ def test_cached_answers_come_back_for_the_same_weights_run_the_same_way_only(tin
         in_bf16.score(QUESTIONS)
     assert len(cache) == 4 * len(QUESTIONS)
 
-    model = first.model  # the backend and the quantization count as loaded (neither can be loaded on this CPU)
+    model = first.model  # the backend and the quantization count as loaded (neither loads on a CPU)
     with monkeypatch.context() as m:
         m.setattr(llm, "backend", lambda: "unsloth")
         assert llm.model_id(model, tiny_model) != first.model_id

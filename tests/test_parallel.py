@@ -1,5 +1,5 @@
 """NUM_GPUS=N runs a generating or scoring step as N data-parallel processes through `accelerate launch` (gloo
-processes on this CPU): each computes a non-empty, disjoint share of whole batches, and the main process writes
+processes on a CPU): each computes a non-empty, disjoint share of whole batches, and the main process writes
 exactly what a single process writes."""
 import hashlib
 import re
