@@ -2,11 +2,13 @@
 on the same 32 prompts with SmolLM2-135M-Instruct: the texts must be identical; prints the throughput ratio and
 how much of each batch is padding, with the prompts sorted by length (the project) and in their given order.
 
-The prompts are the Summarizer's, built from the real reviews of $REVIEWS_FILE (scripts/demo_reviews.py), or generated text where it is absent.
+The prompts are the Summarizer's, built from real reviews: $REVIEWS_FILE where set, else the tests' committed slice
+of the Amazon 2014 Musical Instruments reviews.
 
     python benchmarks/generation.py [--prompts 32] [--batch_size 16] [--max_new_tokens 32]
 """
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,22 +18,19 @@ sys.path.insert(0, str(ROOT))
 
 import llm  # noqa: E402
 from prompts import summary_prompt  # noqa: E402
-from scripts.demo_reviews import reviews_file  # noqa: E402
 from utils import require_model  # noqa: E402
 
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
-REVIEWS = reviews_file()
+REVIEWS = Path(os.environ.get("REVIEWS_FILE") or ROOT / "tests" / "fixtures" / "reviews_Musical_Instruments_5.60users.json.gz")
 
 
 def review_texts(n: int) -> list[tuple[str, float, str]]:
-    """(title, rating, review) of n real reviews with lengths spread over the file, or generated ones."""
-    if REVIEWS.exists():
-        import pandas as pd
+    """(title, rating, review) of n real reviews with lengths spread over the file."""
+    import pandas as pd
 
-        df = pd.read_json(REVIEWS, lines=True).sort_values("unixReviewTime", kind="stable")
-        df = df[df["reviewText"].str.len().between(50, 2500)].iloc[:: max(len(df) // n, 1)].head(n)
-        return list(zip(df["asin"], df["overall"].astype(float), df["reviewText"]))
-    return [(f"Item {i}", 4.0, "Great strings, bright tone. " * (1 + i % 12)) for i in range(n)]
+    df = pd.read_json(REVIEWS, lines=True).sort_values("unixReviewTime", kind="stable")
+    df = df[df["reviewText"].str.len().between(50, 2500)].iloc[:: max(len(df) // n, 1)].head(n)
+    return list(zip(df["asin"], df["overall"].astype(float), df["reviewText"]))
 
 
 def padding_fraction(lengths, batch_size, sort=True) -> float:
