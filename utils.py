@@ -162,7 +162,10 @@ def _resolve_recorded(data: DataArguments, obj):
     if not any(isinstance(f.default, Recorded) for f in fields(obj)):
         return
     path = data.file("dataset.json")
-    info = {**(read_json(path) if path.exists() else {}), **_pending_records.get(path, {})}
+    info = read_json(path) if path.exists() else {}
+    if not isinstance(info, dict):
+        fail(f"{path} holds a JSON {type(info).__name__}, not the dataset's settings; rerun {producer(path)}.")
+    info = {**info, **_pending_records.get(path, {})}
     new = {}
     for f in fields(obj):
         if not isinstance(f.default, Recorded):
@@ -176,6 +179,9 @@ def _resolve_recorded(data: DataArguments, obj):
         if saved is None:
             first_use = f.default.first_use
             saved = given if given is not None else first_use(data) if callable(first_use) else first_use
+            if saved is None and not path.exists():
+                fail(f"{path} not found. Run {producer(path)} first (it records the dataset's settings there), or "
+                     f"pass --{f.name} for data prepared otherwise.")
             if saved is None:
                 fail(f"{path} records no {f.name}: pass --{f.name} (it is recorded there for the later steps)")
             new[f.name] = saved
@@ -214,13 +220,31 @@ def read_split(args: DataArguments, split: str, eval_limit: int) -> pd.DataFrame
 
 
 def require_model(path: str | Path) -> str:
-    """A model folder (base model or LoRA adapter) that must exist before any work starts."""
+    """A model folder (base model or LoRA adapter) that must exist before any work starts; an adapter must also be
+    whole: a readable LoRA config, and weights whose every tensor is in the file."""
     path = Path(path)
-    if (path / "adapter_config.json").exists() or (path / "config.json").exists():
-        return str(path)
     expert = path.parent.name if path.name == "final_checkpoint" else path.name
-    hint = f" Run `{PRODUCERS[expert]}` first." if expert in PRODUCERS else ""
-    fail(f"no model at {path}.{hint}")
+    hint = f"Run `{PRODUCERS[expert]}`" if expert in PRODUCERS else "Make it again"
+    config = path / "adapter_config.json"
+    if not config.exists():
+        if (path / "config.json").exists():
+            return str(path)
+        fail(f"no model at {path}. {hint} first.")
+    settings = read_json(config)
+    if not isinstance(settings, dict) or "peft_type" not in settings or "base_model_name_or_path" not in settings:
+        fail(f"{config} is not a LoRA adapter's config (it names no peft_type and base model); {hint} again.")
+    weights = path / "adapter_model.safetensors"
+    if weights.exists():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(weights, "pt"):  # reads the header and checks that the file holds every tensor it lists
+                pass
+        except Exception as e:
+            fail(f"{weights} cannot be read ({type(e).__name__}: {e}); it is truncated or corrupted. {hint} again.")
+    elif not (path / "adapter_model.bin").exists():
+        fail(f"{path} holds no adapter weights (adapter_model.safetensors); {hint} again.")
+    return str(path)
 
 
 # ---------------------------------------------------------------------------------------------- reading files
@@ -277,7 +301,8 @@ def read_json(path: str | Path) -> dict:
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        fail(f"{path} cannot be read ({type(e).__name__}: {e}); repair or delete it.")
+        fail(f"{path} cannot be read ({type(e).__name__}: {e}); it is truncated or corrupted: repair it, or delete it "
+             f"and rerun {producer(path)}.")
 
 
 def matched(rows: pd.DataFrame, other: pd.DataFrame, column: str):
