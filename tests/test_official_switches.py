@@ -23,9 +23,9 @@ def test_the_first_reasons_temperature(finished, tmp_path, tiny_model):
         for cached in data.glob("teacher_cache.sqlite*"):  # the server must see every request
             cached.unlink()
         server = TeacherServer()
-        flags = ["--tau", "-10", "--max_sample_num", "1"] + ([] if first is None else ["--first_temperature", str(first)])
-        result = run("2_Reasoner/4_distilling_possible_reason.py", *FAST["GEN_ARGS"].split(), *flags, cwd=work,
-                     env=pipeline_env(tiny_model, server), check=False)
+        flags = [] if first is None else ["--first_temperature", str(first)]
+        result = run("2_Reasoner/4_distilling_possible_reason.py", *FAST["GEN_ARGS"].split(), "--tau", "-10",
+                     "--max_sample_num", "1", *flags, cwd=work, env=pipeline_env(tiny_model, server), check=False)
         assert result.returncode == 1 and "no reason was kept for any target" in result.stderr
         unhinted = [b["temperature"] for b in server.bodies if "(Hint:" not in b["messages"][-1]["content"]]
         hints = [b["temperature"] for b in server.bodies if "(Hint:" in b["messages"][-1]["content"]]
