@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 import parallel
-from utils import COLUMNS, fail, read_json, read_pickle, write_json, write_pickle
+from utils import COLUMNS, fail, producer, read_json, read_pickle, write_json, write_pickle
 
 
 @dataclass
@@ -120,7 +120,10 @@ def resolve_recorded(data: DataArguments, obj):
     if not any(isinstance(f.default, Recorded) for f in fields(obj)):
         return
     path = data.file("dataset.json")
-    info = {**(read_json(path) if path.exists() else {}), **data.unrecorded}
+    info = read_json(path) if path.exists() else {}
+    if not isinstance(info, dict):
+        fail(f"{path} holds a JSON {type(info).__name__}, not the dataset's settings; rerun {producer(path)}.")
+    info = {**info, **data.unrecorded}
     for f in fields(obj):
         if not isinstance(f.default, Recorded):
             continue
@@ -133,6 +136,9 @@ def resolve_recorded(data: DataArguments, obj):
         if saved is None:
             first_use = f.default.first_use
             saved = given if given is not None else first_use(data) if callable(first_use) else first_use
+            if saved is None and not path.exists():
+                fail(f"{path} not found. Run {producer(path)} first (it records the dataset's settings there), or "
+                     f"pass --{f.name} for data prepared otherwise.")
             if saved is None:
                 fail(f"{path} records no {f.name}: pass --{f.name} (it is recorded there for the later steps)")
             data.unrecorded[f.name] = saved

@@ -121,16 +121,33 @@ def exit_stopped(stop: Stop, message: str):
 
 
 def require_model(path: str | Path) -> str:
-    """A model folder (base model or LoRA adapter) that must exist before any work starts."""
+    """A model folder (base model or LoRA adapter) that must exist before any work starts; an adapter must also be
+    whole: a readable LoRA config, and weights whose every tensor is in the file."""
     path = Path(path)
-    if (path / "adapter_config.json").exists() or (path / "config.json").exists():
-        return str(path)
     expert = path.parent.name if path.name == "final_checkpoint" else path.name
-    hint = f" Run `{PRODUCERS[expert]}` first." if expert in PRODUCERS else ""
-    fail(f"no model at {path}.{hint}")
+    hint = f"Run `{PRODUCERS[expert]}`" if expert in PRODUCERS else "Make it again"
+    config = path / "adapter_config.json"
+    if not config.exists():
+        if (path / "config.json").exists():
+            return str(path)
+        fail(f"no model at {path}. {hint} first.")
+    settings = read_json(config)
+    if not isinstance(settings, dict) or "peft_type" not in settings or "base_model_name_or_path" not in settings:
+        fail(f"{config} is not a LoRA adapter's config (it names no peft_type and base model); {hint} again.")
+    weights = path / "adapter_model.safetensors"
+    if weights.exists():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(weights, "pt"):  # reads the header and checks that the file holds every tensor it lists
+                pass
+        except Exception as e:
+            fail(f"{weights} cannot be read ({type(e).__name__}: {e}); it is truncated or corrupted. {hint} again.")
+    elif not (path / "adapter_model.bin").exists():
+        fail(f"{path} holds no adapter weights (adapter_model.safetensors); {hint} again.")
+    return str(path)
 
 
-# ---------------------------------------------------------------------------------------------- reading files
 def producer(path: str | Path) -> str:
     name = Path(path).name
     key = f"raw_data/{name}" if Path(path).parent.name == "raw_data" else name
@@ -226,7 +243,8 @@ def read_json(path: str | Path) -> dict:
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        fail(f"{path} cannot be read ({type(e).__name__}: {e}); repair or delete it.")
+        fail(f"{path} cannot be read ({type(e).__name__}: {e}); it is truncated or corrupted: repair it, or delete it "
+             f"and rerun {producer(path)}.")
 
 
 # ---------------------------------------------------------------------------------------------- writing files

@@ -55,6 +55,10 @@ def examples(rows, contexts, analyses=None) -> list:
 targets = read_table(args, TARGETS[targets_kind])
 histories = load_histories(args, prompt)
 contexts = histories.for_rows(targets)
+rows = None  # the validation rows, read (and checked) before the Reasoner is loaded
+if args.file("raw_data/valid.pkl").exists():
+    rows = read_split(args, "valid", valid.eval_limit) if predictor.no_reason else \
+        read_table(args, reasons_file("valid"), COLUMNS + ["reasoner_reply"])
 analyses = None
 if not predictor.no_reason:
     reasoner = load_expert(args, model_args, "Reasoner")
@@ -62,9 +66,6 @@ if not predictor.no_reason:
                                  desc="Reasoner")
 args.write(examples(targets, contexts, analyses), f"{name}_train_instruct.pkl")
 
-if args.file("raw_data/valid.pkl").exists():  # the validation rows, their histories built as the test set's
-    rows = read_split(args, "valid", valid.eval_limit) if predictor.no_reason else \
-        read_table(args, reasons_file("valid"), COLUMNS + ["reasoner_reply"])
-    contexts = histories.for_rows(rows, prompt.test_history_before_target)
-    args.write(examples(rows, contexts, None if predictor.no_reason else rows.reasoner_reply),
-               f"{name}_valid_instruct.pkl")
+if rows is not None:  # their histories built as the test set's
+    args.write(examples(rows, histories.for_rows(rows, prompt.test_history_before_target),
+                        None if predictor.no_reason else rows.reasoner_reply), f"{name}_valid_instruct.pkl")

@@ -1,9 +1,13 @@
 """Shared test fixtures: a tiny random Llama, a local OpenAI-protocol teacher, a slice of the real data, and a way
 to run the pipeline's scripts exactly as a user does (as subprocesses, from a working folder)."""
+import hashlib
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +99,47 @@ def pipeline_env(model: str, server: TeacherServer | None = None, **extra) -> di
     if server is not None:
         env.update(server.env())
     return {**env, **extra}
+
+
+# ------------------------------------------------------------------------------------------------ interrupted training
+def kill_training_after(script: str, args, work: Path, model: str, output: Path, checkpoint: int):
+    """Start a *_train.sh in `work` and SIGKILL it once `output`/checkpoint-`checkpoint` is complete; leave the folder
+    as a kill at that very moment leaves it (a later checkpoint the kill may have reached is removed)."""
+    child = subprocess.Popen(["bash", str(REPO / script), *map(str, args)], cwd=work,
+                             env=environment(pipeline_env(model)), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    while not (output / f"checkpoint-{checkpoint}" / "trainer_state.json").exists():
+        assert child.poll() is None, "training finished before it could be killed"
+        time.sleep(0.05)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    for later in output.glob("checkpoint-*"):
+        if int(later.name.split("-")[1]) > checkpoint:
+            shutil.rmtree(later)
+
+
+def plant_in_log(checkpoint: Path):
+    """Mark the last entry of a checkpoint's log history: a run resumed from that checkpoint carries the mark on."""
+    state_file = checkpoint / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["log_history"][-1]["planted"] = checkpoint.name
+    state_file.write_text(json.dumps(state, indent=2))
+
+
+def cut_short(complete: Path, dest: Path):
+    """A checkpoint as a kill while it is being saved leaves it: its weights, but not trainer_state.json (written
+    last)."""
+    shutil.copytree(complete, dest, ignore=shutil.ignore_patterns("trainer_state.json"))
+
+
+def logged_steps(history: list) -> list:
+    """The steps at which a run logged its training loss, in order, with "planted" where the planted mark is."""
+    steps = []
+    for entry in history:
+        steps += [entry["step"]] * ("loss" in entry) + ["planted"] * ("planted" in entry)
+    return steps
+
+
+def file_hashes(*folders: Path) -> dict:
+    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for folder in folders for f in sorted(folder.rglob("*"))
+            if f.is_file()}

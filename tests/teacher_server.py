@@ -16,7 +16,8 @@ every request (its JSON body), how often it was answered, one by one or as a lin
 is how many of those were paid twice.
 
 Misbehaviour on purpose, for chat completions: `faults` is a list of what to do to the next requests in turn ("429",
-"500", "timeout", "malformed", "empty", "no_choices", or None for a normal answer); `latency` delays every answer;
+"500", "timeout", "malformed", "empty", "no_choices", "401": the key refused with the key itself in the message, as
+OpenAI's "Incorrect API key provided: sk-..." quotes it, or None for a normal answer); `latency` delays every answer;
 `hold(n)` makes it answer n requests in all and then leave every further one hanging unanswered until `release()`
 drops those (and, after it, any request whose client is already gone: one sent before the release that the server
 had not yet picked up).  `open_at(t)` counts the requests that were not yet answered at time t (time.monotonic()): those a
@@ -176,6 +177,12 @@ class TeacherServer:
                     return  # dropped: never answered
                 if server.latency:
                     time.sleep(server.latency)
+                if fault == "401":
+                    key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                    return self._send(401, {"error": {
+                        "message": f"Incorrect API key provided: {key}. You can find your API key at "
+                                   f"https://platform.openai.com/account/api-keys.",
+                        "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}})
                 if fault in ("429", "500"):
                     return self._send(int(fault), {"error": {"message": f"injected {fault}", "type": "test"}})
                 if fault == "timeout":

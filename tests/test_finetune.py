@@ -59,20 +59,36 @@ def test_the_adapter_records_its_base_and_keeps_lm_head(trained, tiny_model):
         assert any("lm_head" in k for k in f.keys())  # the official code trains lm_head but never saves it
 
 
-def test_loss_is_on_the_answer_only(tiny_model):
+@pytest.mark.parametrize("mask_loss", ["true", "false"])
+def test_loss_is_on_the_answer_only(tmp_path, tiny_model, mask_loss):
+    """The loss qlora_finetune.py logs at its first step (one example, one step: before any update LoRA's B is zero,
+    so the model is the base model) is the base model's mean cross-entropy over the answer's tokens (the assistant's
+    text and its end-of-turn token) with --mask_loss true, and over every token after the first with false."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
 
-    from qlora_finetune import to_dataset
+    example = EXAMPLES[0]
+    (tmp_path / "one.pkl").write_bytes(pickle.dumps([example]))
+    run("qlora_finetune.py", "--model_path", tiny_model, "--train_data", tmp_path / "one.pkl", "--expert", "test",
+        "--output_dir", tmp_path / "out", "--max_steps", "1", "--per_device_train_batch_size", "1", "--mask_loss",
+        mask_loss, env={"REASON4REC_BACKEND": "hf"})
+    history = json.loads((tmp_path / "out" / "final_checkpoint" / "log_history.json").read_text())
+    logged = next(e["loss"] for e in history if "loss" in e)
 
-    tokenizer = llm.prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_model))
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model), processing_class=tokenizer,
-                         train_dataset=to_dataset(EXAMPLES[:3], mask_loss=True),
-                         args=SFTConfig(output_dir="/tmp/unused", bf16=False, report_to="none", completion_only_loss=True))
-    for example, row in zip(EXAMPLES, trainer.train_dataset):
-        answer = [t for t in row["labels"] if t != -100]  # the tokens the loss is computed on
-        assert tokenizer.decode(answer) == example["messages"][1]["content"] + tokenizer.eos_token
-        assert tokenizer.decode(row["input_ids"]).count(example["messages"][0]["content"]) == 1
+    tokenizer, model = AutoTokenizer.from_pretrained(tiny_model), AutoModelForCausalLM.from_pretrained(tiny_model)
+    prompt = tokenizer.apply_chat_template(example["messages"][:1], tokenize=False, add_generation_prompt=True)
+    whole = tokenizer.apply_chat_template(example["messages"], tokenize=False)
+    answer = whole.removeprefix(prompt)
+    assert answer == example["messages"][1]["content"] + tokenizer.eos_token
+    ids = tokenizer(whole, add_special_tokens=False, return_tensors="pt").input_ids
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    assert ids[0, :len(prompt_ids)].tolist() == prompt_ids
+    answer_tokens = ids.shape[1] - len(prompt_ids)
+    with torch.no_grad():
+        losses = torch.nn.functional.cross_entropy(model(ids).logits[0, :-1], ids[0, 1:], reduction="none")
+    expected = losses[-answer_tokens:].mean() if mask_loss == "true" else losses.mean()
+    assert logged == pytest.approx(expected.item(), abs=1e-5)
+    assert abs(losses[-answer_tokens:].mean() - losses.mean()) > 1e-3  # far apart enough to tell them apart
 
 
 def test_train_script_passes_extra_arguments_and_names_missing_data(tmp_path, tiny_model):

@@ -1,11 +1,7 @@
 """The GRPO stage (4_GRPO) and the choice of checkpoints on the validation rows, on the tiny model: the reward, a step
 that changes the adapter, kill and resume, a run that learns nothing saying so, and selection."""
 import json
-import os
 import shutil
-import signal
-import subprocess
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -13,7 +9,8 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import DATASET, FAST, REPO, environment, pipeline_env, run
+from conftest import (DATASET, FAST, REPO, cut_short, file_hashes, kill_training_after, logged_steps, pipeline_env,
+                      plant_in_log, run)
 from reason_filter import grpo_reward, predictor_reward
 
 GRPO = FAST["GRPO_ARGS"].split()
@@ -98,19 +95,24 @@ RESUMABLE = GRPO + ["--max_steps", "4", "--select_on_valid", "false"]
 
 
 def test_a_killed_grpo_run_resumes_to_the_adapter_of_an_uninterrupted_one(finished, tmp_path, tiny_model):
+    """Killed after two checkpoints while saving the third (planted: checkpoint-3 without its trainer_state.json), a
+    mark planted in checkpoint-2's log history: the rerun resumes from checkpoint-2 (the mark is in its log, followed
+    by steps 3 and 4 only: a run from scratch lacks the mark), checkpoints 1-2 are byte for byte as they were, and the
+    adapter is that of an uninterrupted run."""
     whole, killed = copy(finished, tmp_path / "whole"), copy(finished, tmp_path / "killed")
     run("4_GRPO/1_reasoner_grpo_train.sh", *RESUMABLE, cwd=whole, env=pipeline_env(tiny_model))
-    child = subprocess.Popen(["bash", str(REPO / "4_GRPO/1_reasoner_grpo_train.sh"), *RESUMABLE], cwd=killed,
-                             env=environment(pipeline_env(tiny_model)), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
     out = experts(killed) / "Reasoner_GRPO"
-    while not (out / "checkpoint-2" / "trainer_state.json").exists():
-        assert child.poll() is None, "GRPO finished before it could be killed"
-        time.sleep(0.05)
-    os.killpg(child.pid, signal.SIGKILL)
-    child.wait()
+    kill_training_after("4_GRPO/1_reasoner_grpo_train.sh", RESUMABLE, killed, tiny_model, out, 2)
+    plant_in_log(out / "checkpoint-2")
+    cut_short(out / "checkpoint-2", out / "checkpoint-3")
+    before = file_hashes(out / "checkpoint-1", out / "checkpoint-2")
     resumed = run("4_GRPO/1_reasoner_grpo_train.sh", *RESUMABLE, cwd=killed, env=pipeline_env(tiny_model)).stdout
-    assert "resuming from" in resumed
+    folder = Path("checkpoints") / DATASET / "Reasoner_GRPO"
+    assert f"skipping {folder / 'checkpoint-3'}: it was cut short" in resumed
+    assert f"resuming from {folder / 'checkpoint-2'}" in resumed
+    history = json.loads((out / "final_checkpoint" / "log_history.json").read_text())
+    assert logged_steps(history) == [1, 2, "planted", 3, 4]
+    assert file_hashes(out / "checkpoint-1", out / "checkpoint-2") == before
     a, b = weights(out / "final_checkpoint"), weights(experts(whole) / "Reasoner_GRPO" / "final_checkpoint")
     assert a.keys() == b.keys() and differs(a, b) < 1e-6
 

@@ -36,7 +36,8 @@ def test_rating_prediction_is_the_expectation_over_the_five_digits(model):
     import torch
 
     tokenizer = model.tokenizer
-    text = llm.chat_text(tokenizer, QUESTIONS[0], "Predicted Rating: ")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": QUESTIONS[0]}], tokenize=False,
+                                         add_generation_prompt=True) + "Predicted Rating: "
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
     with torch.no_grad():
         logits = model.model(**ids).logits[0, -1]
@@ -115,9 +116,12 @@ def test_generation_stops_on_a_stop_token_known_only_to_the_generation_config(mo
 
 
 def test_sampled_generation_is_reproducible(model):
+    """The same seed samples the same texts (whatever the batching); another seed, other texts; neither is greedy."""
     a = model.generate(QUESTIONS[:4], max_new_tokens=8, temperature=1.0, seed=3, batch_size=2)
     b = model.generate(QUESTIONS[:4], max_new_tokens=8, temperature=1.0, seed=3, batch_size=2)
-    assert a == b
+    other = model.generate(QUESTIONS[:4], max_new_tokens=8, temperature=1.0, seed=4, batch_size=2)
+    greedy = model.generate(QUESTIONS[:4], max_new_tokens=8, batch_size=2)
+    assert a == b and a != other and a != greedy
 
 
 def test_cache_skips_what_is_done_and_keeps_the_same_answers(model, tmp_path):

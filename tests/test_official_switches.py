@@ -16,16 +16,21 @@ def copy(finished, tmp_path, *drop):
 
 
 def test_the_first_reasons_temperature(finished, tmp_path, tiny_model):
-    """1.0 by default (official HEAD); --first_temperature 0.2 (a4fa718) for the unhinted round only."""
-    work, _ = copy(finished, tmp_path)
+    """1.0 by default (official HEAD); --first_temperature 0.2 (a4fa718) for the unhinted round only.  --tau -10 keeps
+    no reason, so that every target also goes through the hinted round (and the step ends saying nothing was kept)."""
+    work, data = copy(finished, tmp_path)
     for first, hinted in ((None, 1.0), (0.2, 1.0)):
+        for cached in data.glob("teacher_cache.sqlite*"):  # the server must see every request
+            cached.unlink()
         server = TeacherServer()
         flags = [] if first is None else ["--first_temperature", str(first)]
-        run("2_Reasoner/4_distilling_possible_reason.py", *FAST["GEN_ARGS"].split(), *flags, cwd=work,
-            env=pipeline_env(tiny_model, server))
-        unhinted = {b["temperature"] for b in server.bodies if "(Hint:" not in b["messages"][-1]["content"]}
-        hints = {b["temperature"] for b in server.bodies if "(Hint:" in b["messages"][-1]["content"]}
-        assert unhinted == {1.0 if first is None else first} and hints <= {hinted} and server.bodies
+        result = run("2_Reasoner/4_distilling_possible_reason.py", *FAST["GEN_ARGS"].split(), "--tau", "-10",
+                     "--max_sample_num", "1", *flags, cwd=work, env=pipeline_env(tiny_model, server), check=False)
+        assert result.returncode == 1 and "no reason was kept for any target" in result.stderr
+        unhinted = [b["temperature"] for b in server.bodies if "(Hint:" not in b["messages"][-1]["content"]]
+        hints = [b["temperature"] for b in server.bodies if "(Hint:" in b["messages"][-1]["content"]]
+        assert set(unhinted) == {1.0 if first is None else first} and set(hints) == {hinted}
+        assert len(hints) == len(unhinted) > 0  # every target asked once unhinted, once hinted
         server.close()
 
 

@@ -1,5 +1,5 @@
 """The whole pipeline end to end on the tiny model, with the teacher over HTTP through the real openai client, on a
-slice of the real data: every stage's outputs, the leakage rule, the cache, and resuming from the authors' pickles."""
+slice of the real data: every stage's outputs, the cache, and resuming from the authors' pickles."""
 import json
 import pickle
 import shutil
@@ -7,7 +7,6 @@ import shutil
 import pandas as pd
 
 from conftest import DATASET, FAST, REPO, pipeline_env, run
-from prompts import JUDGE_TEMPLATE
 from utils import COLUMNS
 
 FIXTURE = REPO / "tests" / "fixtures" / "Music_data"  # the authors' data's form (tests/fixtures/make_authors_data.py)
@@ -78,21 +77,6 @@ def test_every_stage_writes_the_official_files_and_columns(finished):
     question = direct[0]["messages"][0]["content"]
     assert "### Personalized Recommendation Analysis ###" not in question
     assert "\n\nBased on the above information, please predict the user's rating for" in question
-
-
-def test_no_test_or_valid_review_reaches_any_prompt(finished):
-    root, _, server = finished
-    held_out = pd.concat([load(root, "raw_data/test.pkl"), load(root, "raw_data/valid.pkl")])
-    held_out = [t for t in held_out["reviews"] if len(t) > 40]  # long enough to be unmistakable
-    sft = [m["content"] for name in ("Summarizer_train_instruct.pkl", "review_train_data.pkl",
-                                     "Reasoner_train_instruct.pkl", "Predictor_train_instruct.pkl")
-           for x in pickle.loads((root / "Data" / DATASET / name).read_bytes()) for m in x["messages"]]
-    # the judge of the reasons (3_Predictor/5, the last step) is shown the real test review by design: not a prompt
-    # of the pipeline, and nothing is learnt from it
-    sent = [b["messages"][-1]["content"] for b in server.bodies
-            if not b["messages"][-1]["content"].startswith(JUDGE_TEMPLATE[:40])]
-    for text in sft + sent:
-        assert not any(review in text for review in held_out)
 
 
 def test_rerunning_a_teacher_step_pays_for_nothing(finished, tiny_model):

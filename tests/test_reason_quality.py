@@ -39,7 +39,9 @@ def by_hand(model, question, answer):
     import torch
 
     tokenizer = model.tokenizer
-    prompt = tokenizer(llm.chat_text(tokenizer, question), add_special_tokens=False).input_ids
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+    prompt = tokenizer(text, add_special_tokens=False).input_ids
     tokens = tokenizer(answer, add_special_tokens=False).input_ids
     ids = torch.tensor([prompt + tokens])
     with torch.no_grad():

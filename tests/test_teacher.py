@@ -81,15 +81,21 @@ def test_local_teacher_generates_and_caches(tmp_path, monkeypatch, tiny_model):
     assert again.usage["requests"] == 0 and again._local is None  # not even loaded
 
 
-@pytest.mark.parametrize("fault, cause", [("empty", "empty"), ("malformed", ""), ("no_choices", "empty")])
+@pytest.mark.parametrize("fault, cause", [("empty", "the answer was empty"), ("malformed", "JSONDecodeError"),
+                                          ("no_choices", "the answer was empty")])
 def test_bad_answers_are_asked_again_then_fail_naming_the_row(tmp_path, env, fault, cause):
+    """An empty or unreadable answer is asked for again twice (three requests in all), then the step fails naming the
+    row and the cause."""
     server = TeacherServer(faults=[fault] * 3)
     env(server, TEACHER_CONCURRENCY="1")
     teacher = Teacher(tmp_path / "cache.sqlite")
-    with pytest.raises(SystemExit, match=f"row first.*{cause}"):
+    with pytest.raises(SystemExit) as failure:
         teacher.ask(PROMPTS[:1], temperature=0.2, labels=["first"])
+    assert f"teacher request for row first failed: {cause}" in str(failure.value)
+    assert server.received == 3 and len(teacher.cache) == 0
     server.faults = [fault]  # once, then a good answer: recovered without an error
     assert teacher.ask(PROMPTS[1:2], temperature=0.2) == [teacher_answer(PROMPTS[1], 0.2, 0)]
+    assert server.received == 5
     server.close()
 
 
