@@ -148,17 +148,20 @@ def main():
     job = job_of(args, config, examples, data_file)
     print(json.dumps({"finetune": asdict(args), "backend": llm.backend(), "examples": len(examples),
                       "output_dir": str(output)}, indent=1))
+    made = training.made_from(job, inputs, select_on_valid=args.select_on_valid, save_lm_head=args.save_lm_head)
+    if training.finished(output, made):
+        return
     resume = resumable_checkpoint(output, job)
 
     set_seed(config.seed)  # before LoRA is attached: its initial weights are random
     model, tokenizer, lora = load_for_training(args, config)
     trainer = SFTTrainer(model=model, args=config, train_dataset=to_dataset(examples, args.mask_loss),
                          processing_class=tokenizer, peft_config=lora, callbacks=[ShowBatch()])
-    trainer.train(resume_from_checkpoint=resume)
+    final = training.train(trainer, resume)
 
-    record = provenance({"job": job, "finetune": asdict(args), "backend": llm.backend(),
+    record = provenance({"job": job, "made_from": made, "finetune": asdict(args), "backend": llm.backend(),
                          "loaded_in_4bit": llm.loaded_in_4bit(model)}, inputs)
-    finish(trainer, tokenizer, output, record, metric=metric, metric_name=metric_name,
+    finish(trainer, final, tokenizer, output, record, metric=metric, metric_name=metric_name,
            select_on_valid=args.select_on_valid, save_lm_head=args.save_lm_head)
 
 

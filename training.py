@@ -9,7 +9,6 @@ import dataclasses
 import json
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
@@ -24,7 +23,7 @@ import parallel
 from cache import ResultCache
 from prompts import RATING_PREFIX
 from settings import DataArguments, checked_args
-from utils import fail, read_json, read_pickle, write_json
+from utils import damage, fail, read_json, read_pickle, sha256, write_json
 
 
 def parse(dataclass_types, argv=None, **defaults):
@@ -124,11 +123,30 @@ def job_settings(names, config, *settings: dict) -> dict:
     return {name: known[name] for name in ("backend", "dtype", "global_batch", *TRAINING_SETTINGS, *names)}
 
 
+def made_from(job: dict, inputs, **choice) -> dict:
+    """What a final_checkpoint is made from: the job, its input files (by name and sha256) and how it is chosen
+    (`choice`); recorded in its provenance.json, so that a rerun can tell there is nothing left to do (`finished`)."""
+    made = {"job": job, "inputs": {Path(p).name: sha256(p) for p in inputs}, "choice": choice}
+    return json.loads(json.dumps(made, default=str))  # as it reads back from provenance.json
+
+
+def finished(output: Path, made: dict) -> bool:
+    """Whether <output>/final_checkpoint is already what this run would make (`made`, see made_from): a rerun of a
+    finished job then changes nothing (transformers, resumed from its last checkpoint, would train a step more)."""
+    try:
+        done = read_json(output / "final_checkpoint" / "provenance.json")["settings"]["made_from"] == made
+    except (SystemExit, KeyError, TypeError):  # none yet, or not one of this project's
+        return False
+    if done:
+        print(f"{output / 'final_checkpoint'} is this job's, made from these inputs and chosen the same way: "
+              f"nothing left to do")
+    return done
+
+
 def resumable_checkpoint(output: Path, job: dict):
     """The last complete checkpoint of an interrupted run of this very job (`job`: the settings that define it), else
     None.  The work of another job in the folder (its checkpoints, its final_checkpoint) stops the run: it is the
-    user's, and never deleted.  A checkpoint cut short by the interruption (transformers writes trainer_state.json
-    last) is skipped."""
+    user's, and never deleted.  A checkpoint cut short (see `_cut_short`) is skipped."""
     checkpoints = sorted(output.glob("checkpoint-*"), key=_step)
     record = output / "job.json"
     if checkpoints or (output / "final_checkpoint").exists():
@@ -140,10 +158,13 @@ def resumable_checkpoint(output: Path, job: dict):
             fail(f"{output} holds {held} of another training job (what differs: {differing}). Nothing was deleted. "
                  f"To resume or redo that job, rerun it with its own settings; to train this one, give it another "
                  f"folder (OUTPUT_DIR=... or --output_dir ...), or move {output} away.")
-    complete = [c for c in checkpoints if _is_complete(c)]
+    complete = []
     for c in checkpoints:
-        if c not in complete:
-            print(f"skipping {c}: it was cut short (no trainer_state.json)")
+        cause = _cut_short(c)
+        if cause:
+            print(f"skipping {c}: it was cut short ({cause})")
+        else:
+            complete.append(c)
     if complete:
         print(f"resuming from {complete[-1]}")
         return str(complete[-1])
@@ -151,17 +172,37 @@ def resumable_checkpoint(output: Path, job: dict):
     return None
 
 
+def train(trainer, resume: str | None):
+    """trainer.train(resume_from_checkpoint=resume), but from a checkpoint that already holds every step: there
+    transformers' loop would take one step more (it checks max_steps after a step), so the checkpoint's state is the
+    final state.  Returns the final state's adapter: the trained model, or that checkpoint's folder."""
+    if resume is not None and trainer.args.max_steps > 0:
+        from transformers import TrainerState
+
+        state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+        if state.global_step >= trainer.args.max_steps:
+            print(f"{resume} holds all {trainer.args.max_steps} steps: nothing left to train")
+            trainer.state = state
+            return Path(resume)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer.model
+
+
 def complete_checkpoints(output: Path) -> list[Path]:
-    return [c for c in sorted(output.glob("checkpoint-*"), key=_step) if _is_complete(c)]
+    return [c for c in sorted(output.glob("checkpoint-*"), key=_step) if not _cut_short(c)]
 
 
-def _is_complete(checkpoint: Path) -> bool:
-    """transformers writes trainer_state.json last: a checkpoint without a readable one was cut short."""
+def _cut_short(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from, or None: transformers writes trainer_state.json last, so a kill while
+    it saves leaves none; a power loss may leave it written but its weights or optimizer state short."""
     try:
         json.loads((checkpoint / "trainer_state.json").read_text())
-        return True
     except (OSError, ValueError):
-        return False
+        return "no readable trainer_state.json"
+    for f in sorted(checkpoint.iterdir()):
+        if f.is_file() and (cause := damage(f)):
+            return f"{f.name}: {cause}"
+    return None
 
 
 def _step(checkpoint: Path) -> int:
@@ -243,16 +284,16 @@ def replace_atomically(final: Path, folder: Path):
             shutil.rmtree(old, ignore_errors=True)
 
 
-def finish(trainer, tokenizer, output: Path, record: dict, *, metric=None, metric_name: str | None = None,
+def finish(trainer, final, tokenizer, output: Path, record: dict, *, metric=None, metric_name: str | None = None,
            select_on_valid: bool = True, save_lm_head: bool = True, start: Path | None = None):
     """Choose and save the adapter: <output>/final_checkpoint, with selection.json (every candidate and its validation
     metric, and the one chosen), log_history.json and provenance.json (`record`); an earlier final_checkpoint is
     replaced atomically (see replace_atomically).
 
-    The candidates are the run's checkpoints and its final state, and `start`, the adapter that training started from
-    (GRPO's SFT Reasoner), as step 0: training must beat it to be kept.  With a `metric` (lower is better) each is
-    scored on the validation rows and, with `select_on_valid`, the best is kept (the earliest of equals); otherwise the
-    final state is kept, as the official code does."""
+    The candidates are the run's checkpoints and its final state (`final`: what `train` returned), and `start`, the
+    adapter that training started from (GRPO's SFT Reasoner), as step 0: training must beat it to be kept.  With a
+    `metric` (lower is better) each is scored on the validation rows and, with `select_on_valid`, the best is kept
+    (the earliest of equals); otherwise the final state is kept, as the official code does."""
     staging = output / ".final_checkpoint.tmp"
     final_step = trainer.state.global_step
     sources = {}  # name: (adapter folder or model, step)
@@ -260,7 +301,7 @@ def finish(trainer, tokenizer, output: Path, record: dict, *, metric=None, metri
         sources["start"] = (start, 0)
     if metric:
         sources.update((c.name, (c, _step(c))) for c in complete_checkpoints(output) if _step(c) < final_step)
-    sources["final state"] = (trainer.model, final_step)
+    sources["final state"] = (final, final_step)
     if parallel.is_main_process():
         shutil.rmtree(staging, ignore_errors=True)
         for name, (source, _) in sources.items():

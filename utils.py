@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import zipfile
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -135,17 +136,29 @@ def require_model(path: str | Path) -> str:
     if not isinstance(settings, dict) or "peft_type" not in settings or "base_model_name_or_path" not in settings:
         fail(f"{config} is not a LoRA adapter's config (it names no peft_type and base model); {hint} again.")
     weights = path / "adapter_model.safetensors"
-    if weights.exists():
+    if not weights.exists() and not (path / "adapter_model.bin").exists():
+        fail(f"{path} holds no adapter weights (adapter_model.safetensors); {hint} again.")
+    for f in (weights, path / "adapter_model.bin"):
+        if f.exists() and (cause := damage(f)):
+            fail(f"{f} cannot be read ({cause}); it is truncated or corrupted. {hint} again.")
+    return str(path)
+
+
+def damage(path: Path) -> str | None:
+    """Why a weight or state file cannot be read whole (cut short by a kill or a power loss, or corrupted), or None:
+    a safetensors file whose header lists tensors beyond its end; a file of torch.save (a zip archive) without its
+    end.  Other files: None."""
+    if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         try:
-            with safe_open(weights, "pt"):  # reads the header and checks that the file holds every tensor it lists
-                pass
+            with safe_open(path, "pt"):  # reads the header and checks that the file holds every tensor it lists
+                return None
         except Exception as e:
-            fail(f"{weights} cannot be read ({type(e).__name__}: {e}); it is truncated or corrupted. {hint} again.")
-    elif not (path / "adapter_model.bin").exists():
-        fail(f"{path} holds no adapter weights (adapter_model.safetensors); {hint} again.")
-    return str(path)
+            return f"{type(e).__name__}: {e}"
+    if path.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(path):
+        return "not a whole torch.save archive"
+    return None
 
 
 def producer(path: str | Path) -> str:

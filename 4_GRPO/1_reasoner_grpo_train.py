@@ -129,6 +129,10 @@ job = training.job_settings(JOB_SETTINGS, config, asdict(data), asdict(args), {
     "predictor": llm.fingerprint(predictor_path), "base_model": llm.fingerprint(base_model),
     "kl_reference": kl_reference})
 output = Path(config.output_dir)
+inputs = [data.file(TARGETS[args.targets]), data.file("raw_data/valid.pkl")]
+made = training.made_from(job, inputs, select_on_valid=args.select_on_valid, max_new_tokens=args.max_new_tokens)
+if training.finished(output, made):
+    raise SystemExit(0)
 resume = training.resumable_checkpoint(output, job)
 
 # The policy: the SFT Reasoner's adapter on its base model, trained further.
@@ -186,7 +190,7 @@ used = "sft" if "ref" in model.peft_config else "base"
 if config.beta != 0 and used != kl_reference:
     fail(f"--kl_reference {kl_reference} asked, but this trainer ({llm.backend()}) measures the KL against "
          f"{KL_REFERENCES[used]}: pass --kl_reference {used}")
-trainer.train(resume_from_checkpoint=resume)
+final = training.train(trainer, resume)
 
 clipped = [e["completions/clipped_ratio"] for e in trainer.state.log_history if "completions/clipped_ratio" in e]
 learned_nothing = config.mask_truncated_completions and bool(clipped) and min(clipped) >= 1.0
@@ -215,12 +219,13 @@ def valid_mae(folder: Path) -> float:
 batch = {"prompts_per_step": args.prompts_per_step, "completions_per_step": config.generation_batch_size,
          "processes": parallel.world_size(), "per_device_train_batch_size": config.per_device_train_batch_size,
          "gradient_accumulation_steps": config.gradient_accumulation_steps}
-record = provenance({"job": job, "grpo": asdict(args), "backend": llm.backend(), "learned_nothing": learned_nothing,
-                     "loaded_in_4bit": llm.loaded_in_4bit(model), "batch": batch, "cutoff_probe": probe,
+record = provenance({"job": job, "made_from": made, "grpo": asdict(args), "backend": llm.backend(),
+                     "learned_nothing": learned_nothing, "loaded_in_4bit": llm.loaded_in_4bit(model), "batch": batch,
+                     "cutoff_probe": probe,
                      "kl_reference": {"used": used if config.beta != 0 else None,
                                       "what": KL_REFERENCES[used] if config.beta != 0 else "none: beta is 0"}},
-                    [data.file(TARGETS[args.targets]), data.file("raw_data/valid.pkl")])
-training.finish(trainer, tokenizer, output, record, metric=valid_mae if args.select_on_valid else None,
+                    inputs)
+training.finish(trainer, final, tokenizer, output, record, metric=valid_mae if args.select_on_valid else None,
                 metric_name=f"MAE of the frozen Predictor given the candidate's greedy reasons (at most "
                             f"{args.max_new_tokens} tokens) on the validation rows ({len(rows):,})",
                 select_on_valid=args.select_on_valid, start=Path(reasoner_path))

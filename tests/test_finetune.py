@@ -232,7 +232,7 @@ def test_a_kill_while_final_checkpoint_is_replaced_leaves_the_old_or_the_new_one
 
     def finish(run):
         trainer = SimpleNamespace(model=model, state=SimpleNamespace(global_step=1, log_history=[]))
-        training.finish(trainer, base.tokenizer, out, {"run": run})
+        training.finish(trainer, model, base.tokenizer, out, {"run": run})
 
     def kept():
         final = out / "final_checkpoint"

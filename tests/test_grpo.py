@@ -172,8 +172,10 @@ def test_the_kl_reference_is_the_one_asked_for_and_recorded(finished, tmp_path, 
 
 
 def test_selection_keeps_the_best_validation_checkpoint_when_the_last_is_planted_worse(finished, tmp_path, tiny_model):
-    """Train the Predictor to 3 steps, one checkpoint per step; plant noise in the last checkpoint's weights; the rerun
-    resumes from it (the job is done), so its final state is the planted one: the choice must fall elsewhere."""
+    """Train the Predictor to 3 steps, one checkpoint per step; plant noise in the last checkpoint's weights and take
+    final_checkpoint away (as a kill after the last checkpoint, before the choice, leaves the folder): the rerun
+    resumes from checkpoint-3, which holds every step, so it trains nothing more and its final state is the planted
+    one: the choice must fall elsewhere."""
     work = tmp_path / "w"
     shutil.copytree(finished[0], work, ignore=shutil.ignore_patterns("*.sqlite*", "Predictor"))
     args = ["--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1", "--per_device_train_batch_size", "2"]
@@ -185,7 +187,9 @@ def test_selection_keeps_the_best_validation_checkpoint_when_the_last_is_planted
     tensors = load_file(planted)
     save_file({k: v + 5.0 * (k.endswith("lora_B.weight")) for k, v in tensors.items()}, planted,
               metadata={"format": "pt"})
-    run("3_Predictor/2_predictor_train.sh", *args, cwd=work, env=pipeline_env(tiny_model))
+    (out / "final_checkpoint").unlink()
+    resumed = run("3_Predictor/2_predictor_train.sh", *args, cwd=work, env=pipeline_env(tiny_model)).stdout
+    assert "holds all 3 steps: nothing left to train" in resumed
     second = json.loads((out / "selection.json").read_text())
     scores = {c["candidate"]: c["valid_metric"] for c in second["candidates"]}
     assert scores["final state"] > max(scores["checkpoint-1"], scores["checkpoint-2"])  # the plant made it worse

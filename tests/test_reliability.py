@@ -21,7 +21,7 @@ import pytest
 from cache import ResultCache
 from conftest import (DATASET, FAST, REPO, cut_short, environment, file_hashes, full_run, kill_training_after,
                       logged_steps, pipeline_env, plant_in_log, run)
-from prompts import JUDGE_TEMPLATE
+from prompts import GPTSCORE_INSTRUCTION, GPTSCORE_REVERSE_INSTRUCTION, JUDGE_TEMPLATE
 from teacher_server import TeacherServer
 
 GEN, GRPO = FAST["GEN_ARGS"].split(), FAST["GRPO_ARGS"].split()
@@ -223,9 +223,6 @@ def test_training_resumes_from_its_last_complete_checkpoint_after_cosmetic_chang
     assert same_weights(out / FINAL, reasoner(trained_reasoner) / FINAL)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "training._is_complete takes a checkpoint whose trainer_state.json is readable for complete, whatever its weights "
-    "hold: the run resumes from the truncated checkpoint-4 and dies in safetensors"))
 def test_a_checkpoint_with_truncated_weights_is_not_resumed_from(trained_reasoner, tmp_path, tiny_model):
     """A checkpoint whose weights were cut short (power lost before the file system wrote them out, though
     trainer_state.json made it): the rerun resumes from the checkpoint before it."""
@@ -295,7 +292,7 @@ HELD_OUT = ["raw_data/valid.pkl?", "raw_data/test.pkl?"]  # read by every step t
 SUMMARIES = "train_summarizer_generation_results.pkl"
 RUN = "dataset.json"  # the recorded settings that shape prompts
 # Every step (as a user runs it, and the same run in this process: the .sh scripts exec qlora_finetune.py or
-# 4_GRPO/1_reasoner_grpo_train.py with their yaml) and every input it reads: a file under Data/<dataset>/, or an
+# 4_GRPO/1_reasoner_grpo_train.py with their yaml, or a generation step with --reasoner Reasoner_GRPO) and every input it reads: a file under Data/<dataset>/, or an
 # expert's adapter, its final_checkpoint.  "?": optional (its absence is no error), so only truncated and wrong.
 INPUTS = [
     ("1_Summarizer/1_distilling_aspect_preference_summary.py", [], None, ["raw_data/train.pkl", RUN]),
@@ -337,8 +334,11 @@ INPUTS = [
     ("4_GRPO/1_reasoner_grpo_train.sh", GRPO + ["--max_steps", "1"],
      ("4_GRPO/1_reasoner_grpo_train.py", "--config", "4_GRPO/reasoner_grpo.yaml"),
      ["review_8000.pkl", SUMMARIES, "raw_data/valid.pkl", "raw_data/test.pkl?", "Reasoner", "Predictor", RUN]),
-    ("4_GRPO/2_generate_reason_for_test.py", GEN, None, ["Reasoner_GRPO"]),
-    ("4_GRPO/3_generate_predict_for_test.py", GEN, None, ["reason_for_test_by_reasoner_grpo.pkl"]),
+    ("4_GRPO/2_generate_reason_for_test.sh", GEN,
+     ("2_Reasoner/7_generate_reason_for_test.py", "--reasoner", "Reasoner_GRPO"), ["Reasoner_GRPO"]),
+    ("4_GRPO/3_generate_predict_for_test.sh", GEN,
+     ("3_Predictor/3_generate_predict_for_test.py", "--reasoner", "Reasoner_GRPO"),
+     ["reason_for_test_by_reasoner_grpo.pkl"]),
 ]
 # What each kind of damage must be called, besides the input's name and the step that writes it.
 SAYS = {"missing": ("not found", "no model at"), "truncated": ("truncated or corrupted",), "wrong": ()}
@@ -369,14 +369,11 @@ def run_here(command, cwd: Path, env: dict) -> tuple[int, str]:
     import runpy
     import traceback
 
-    import utils
-
     script, *args = map(str, command)
     saved = dict(os.environ), os.getcwd(), sys.argv[:], sys.path[:]
     os.environ.update(environment(env))
     os.chdir(cwd)
     sys.argv = [str(REPO / script), *args]
-    utils._pending_records.clear()
     err, status = io.StringIO(), 0
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -400,7 +397,7 @@ def run_here(command, cwd: Path, env: dict) -> tuple[int, str]:
 def test_missing_truncated_or_wrong_inputs_say_what_to_run(finished, tmp_path, tiny_model, teacher_server, script,
                                                             args, execs, inputs):
     """Each input of each step, damaged in each of three ways: the step stops with one line naming the input, the
-    damage and the step that writes it (no traceback).  A *_train.sh (and 4_GRPO/1's) runs as a user runs it for the
+    damage and the step that writes it (no traceback).  A .sh script runs as a user runs it for the
     first damage, and in this process as the script it execs for the others."""
     import llm
     from utils import PRODUCERS
@@ -472,22 +469,19 @@ def outputs(root: Path) -> dict:
             and ".sqlite" not in p.name and p.name not in ("trainer_state.json", "log_history.json")}
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a training rerun on a finished job resumes from its last checkpoint, at max_steps, and transformers 5.17's "
-    "Trainer trains one step more (its loop checks the limit after a step): the Summarizer's adapter changes, every "
-    "summary is generated again, and run_all.sh stops at step 7, the reward model's data no longer that of its job"))
 def test_running_every_step_twice_never_duplicates_rows(finished, tmp_path, tiny_model):
-    """run_all.sh again in a copy of the finished run, caches included: every file it wrote is byte for byte what the
-    first run wrote (no row duplicated, none changed), the teacher is asked nothing and no cache grows."""
+    """run_all.sh again in a copy of the finished run, caches included, against the same teacher endpoint (the cache
+    keys name it): every file it wrote is byte for byte what the first run wrote (no row duplicated, none changed),
+    the teacher is asked nothing and no cache grows."""
     work = tmp_path / "w"
     shutil.copytree(finished[0], work)
     before, caches = outputs(work), {c.name: rows(c) for c in data(work).glob("*.sqlite")}
     assert len(before) > 100 and len(caches) == 2
-    server = TeacherServer()
+    server = finished[2]
+    asked = server.received
     out = run("run_all.sh", cwd=work, env=pipeline_env(tiny_model, server, **FAST), timeout=1800).stdout
     assert "all 27 steps done" in out and outputs(work) == before
-    assert server.received == 0 and {c.name: rows(c) for c in data(work).glob("*.sqlite")} == caches
-    server.close()
+    assert server.received == asked and {c.name: rows(c) for c in data(work).glob("*.sqlite")} == caches
 
 
 # A step run with a kill at one moment of its first output's write: half way through the new bytes, or once they
@@ -637,12 +631,16 @@ def test_no_test_or_valid_review_reaches_any_prompt(poisoned):
     *_valid_instruct, Direct_Predictor_*, the reward model's) holds no mark and no test rating.  A validation review
     shows only where it is the reward model's input for its own row (review_valid_data.pkl, on which the reward model
     is chosen), as the real review of a training row is in its training data.  The judge of the reasons
-    (3_Predictor/5, after everything else) is shown the test review by design: nothing is learnt or chosen from it."""
+    (3_Predictor/5, after everything else: the teacher's judge and the local GPTScore, both directions) is shown the test
+    review by design: nothing is learnt or chosen from it."""
     root, server, log = poisoned
     files = sorted(data(root).glob("*_instruct.pkl")) + sorted(data(root).glob("review_*_data.pkl"))
     assert {f.name for f in files} >= {"Direct_Predictor_train_instruct.pkl", "Direct_Predictor_valid_instruct.pkl",
                                        "Predictor_valid_instruct.pkl", "review_valid_data.pkl"}
-    conversations = [json.loads(line) for line in log.read_text().splitlines()]
+    scoring = (GPTSCORE_INSTRUCTION, GPTSCORE_REVERSE_INSTRUCTION)
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    conversations = [c for c in logged if not any(t.startswith(scoring) for t in strings(c))]
+    assert len(conversations) < len(logged)  # GPTScore's conversations were logged, and are the ones set aside
     conversations += [b["messages"] for b in server.bodies
                       if not b["messages"][-1]["content"].startswith(JUDGE_TEMPLATE[:40])]
     conversations += [x["messages"] for f in files for x in pickle.loads(f.read_bytes())]

@@ -51,7 +51,7 @@ def test_authors_data_records_its_product_class_and_max_his_with_the_first_outpu
     other = tmp_path / "Data" / "mine"
     other.mkdir()
     mine = ["--dataset", "mine", "--data_dir", str(tmp_path / "Data")]
-    with pytest.raises(SystemExit, match="records no product_class: pass --product_class"):
+    with pytest.raises(SystemExit, match=r"mine/dataset.json not found. Run `Data/prepare_data.py` first .*or pass --product_class"):
         parse_args(HistoryPromptArguments, args=mine)
     data, _ = parse_args(HistoryPromptArguments, args=mine + ["--product_class", "Gadget", "--max_his", "4"])
     data.write([1], "output.pkl")
