@@ -17,7 +17,7 @@
 #   GRPO_ARGS (4_GRPO/1_reasoner_grpo_train.sh), JUDGE_ARGS (3_Predictor/5; default --judge unless TEACHER=local;
 #   e.g. "--judge --with_teacher").
 # Settings that shape prompts (the product class, the history length) are recorded in Data/<dataset>/dataset.json
-# when the data is prepared (the demo: PREPARE_ARGS="--max_his 5"), and every step uses them.
+# when the data is prepared (the demo: PREPARE_ARGS="--max_his 3"), and every step uses them.
 # Data/ and checkpoints/ are read and written under the current folder, as by every step.  STEP_LOG=file appends a
 # line per finished step (its label, "step N" or "demo setup", its name, start and end times), PYTHON=interpreter
 # replaces `python`.
@@ -30,16 +30,18 @@ if [ -z "${DATASET:-}" ]; then
     export DATASET=Musical_Instruments_demo
     export MODEL_PATH="${MODEL_PATH:-$R/models/SmolLM2-135M-Instruct}"
     export TEACHER="${TEACHER:-local}" TEACHER_MODEL_PATH="${TEACHER_MODEL_PATH:-$MODEL_PATH}"
-    export TEACHER_MAX_TOKENS="${TEACHER_MAX_TOKENS:-64}" TEACHER_BATCH_SIZE="${TEACHER_BATCH_SIZE:-16}"
+    export TEACHER_MAX_TOKENS="${TEACHER_MAX_TOKENS:-48}" TEACHER_BATCH_SIZE="${TEACHER_BATCH_SIZE:-16}"
     # 345: at most 345 reviews, of which seed 0 keeps 283 (225 training, 28 validation, 30 test)
     DEMO_REVIEWS="${DEMO_REVIEWS:-345}"
-    PREPARE_ARGS="${PREPARE_ARGS-"--max_his 5"}"
+    # every prompt of the dense slice carries histories, and their length is what a step costs on a CPU: 3 earlier
+    # reviews of the user and 3 of the item, and texts (summaries, reasons) of at most 48 tokens
+    PREPARE_ARGS="${PREPARE_ARGS-"--max_his 3"}"
     SUMMARY_ARGS="${SUMMARY_ARGS-"--sample 24"}"
     SAMPLE_ARGS="${SAMPLE_ARGS-"--num_samples 20 --num_reward_samples 8"}"  # 20 of the 105 eligible targets
     DISTILL_ARGS="${DISTILL_ARGS-"--max_sample_num 2"}"
-    GEN_ARGS="${GEN_ARGS-"--max_new_tokens 64 --batch_size 16"}"
+    GEN_ARGS="${GEN_ARGS-"--max_new_tokens 48 --batch_size 16"}"
     TRAIN_ARGS="${TRAIN_ARGS-"--num_train_epochs 1 --max_steps 4 --per_device_train_batch_size 4 --warmup_steps 0 --save_strategy steps --save_steps 2"}"
-    GRPO_ARGS="${GRPO_ARGS-"--max_steps 2 --num_generations 4 --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --max_completion_length 64 --mask_truncated_completions false --save_strategy steps --save_steps 1 --per_device_eval_batch_size 16 --max_new_tokens 64"}"
+    GRPO_ARGS="${GRPO_ARGS-"--max_steps 2 --num_generations 4 --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --max_completion_length 48 --mask_truncated_completions false --save_strategy steps --save_steps 1 --per_device_eval_batch_size 16 --max_new_tokens 48"}"
     DEMO=1
 fi
 : "${MODEL_PATH:?set MODEL_PATH to the base model folder}"
