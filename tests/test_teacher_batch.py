@@ -429,6 +429,46 @@ from teacher import Teacher
 Teacher({cache!r}).ask({prompts!r}, temperature=0.2)
 """
 
+# SIGTERM at the one moment its exception is lost: while openai builds a polled Batch object, inside the
+# `try: validate_type(...) except Exception: pass` by which construct_type (openai/_models.py) tries a union's types
+STOP_INSIDE_OPENAI = """
+import signal, sys
+sys.path.insert(0, {root!r})
+import openai._models
+validate_type, counts = openai._models.validate_type, []
+
+def validate_type_then_sigterm(*, type_, value):
+    if isinstance(value, dict) and "completed" in value:  # a batch's request_counts, once per batch object
+        counts.append(value)
+        if len(counts) == 3:
+            signal.raise_signal(signal.SIGTERM)  # its handler runs here, inside openai's try
+    return validate_type(type_=type_, value=value)
+
+openai._models.validate_type = validate_type_then_sigterm
+from teacher import Teacher
+Teacher({cache!r}).ask({prompts!r}, temperature=0.2)
+"""
+
+
+def test_a_sigterm_whose_exception_openai_swallows_still_stops_the_batch_step(tmp_path, env):
+    """The SIGTERM handler raises Stop in the main thread, wherever it is; in Batch API mode that is often inside the
+    openai client, which catches every Exception while it builds a response object.  A SIGTERM that lands there
+    stops the step all the same (before, the step polled on for as long as the batch ran, up to 24 hours), and a
+    rerun collects the same batch."""
+    server, cache = TeacherServer(), tmp_path / "cache.sqlite"
+    env(server, TEACHER_BATCH="1")
+    server.hold_batches()
+    stopped = subprocess.run([sys.executable, "-c", STOP_INSIDE_OPENAI.format(root=str(REPO), cache=str(cache),
+                                                                              prompts=PROMPTS)],
+                             capture_output=True, text=True, timeout=60)
+    assert stopped.returncode == 143 and "stopped by SIGTERM" in stopped.stderr, stopped.stderr[-2000:]
+    assert server.batches_created == 1 and server.answers == 0
+    server.release_batches()
+    subprocess.run([sys.executable, "-c", ASK.format(root=str(REPO), cache=str(cache), prompts=PROMPTS)], check=True,
+                   capture_output=True, timeout=60)
+    assert server.batches_created == 1 and server.repeated == 0 and rows(cache) == len(PROMPTS)
+    server.close()
+
 
 def test_one_by_one_after_a_killed_batch_run_takes_in_its_batch_once_it_has_ended(tmp_path, env, monkeypatch):
     server, cache = TeacherServer(), tmp_path / "cache.sqlite"
