@@ -37,7 +37,7 @@ from collections import Counter
 from tqdm.auto import tqdm
 
 from cache import connect, select_in
-from utils import Stop, check_stop, exit_stopped, fail, stop_signals
+from utils import Stop, exit_stopped, fail, stop_signals
 
 # The Batch API's limits per batch (a step's requests are split to fit them), and how many times a request that comes
 # back failed is sent in all before it is reported.
@@ -190,7 +190,6 @@ class BatchAPI:
             try:
                 self._adopt(todo)
                 while True:
-                    check_stop()  # a stop that the openai client swallowed while it built a batch object
                     answered, live = cache.get_many(todo), self.book.open(todo)
                     bar.update(len(answered) - bar.n)
                     given_up = {k: cause for k, (n, cause) in self.book.errors(todo).items()
@@ -211,7 +210,6 @@ class BatchAPI:
                         live = self.book.open(todo)
                     if not live and not need:
                         break
-                    check_stop()
                     time.sleep(wait)
                     wait = min(2 * wait, teacher.poll)
                     before, statuses, rejected, cancelled, refused = statuses, {}, {}, [], []

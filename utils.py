@@ -93,40 +93,29 @@ def fail(message: str):
     raise SystemExit(f"error: {message}")
 
 
-class Stop(Exception):
-    """SIGINT or SIGTERM, raised in the main thread while the teacher works (see `stop_signals`)."""
+class Stop(BaseException):
+    """SIGINT or SIGTERM, raised in the main thread while the teacher works (see `stop_signals`).  A BaseException, as
+    KeyboardInterrupt is, so that no library's `except Exception` swallows it (openai's, while it builds a response
+    object, would)."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
 
-_received: list[int] = []  # the signals received in the current stop_signals block
-
-
 @contextmanager
 def stop_signals():
-    """While in this block, SIGINT and SIGTERM (each one, a second one too) raise `Stop` in the main thread.  A library
-    can swallow that exception where it catches every Exception (openai does, while it builds a response object):
-    `check_stop()` raises it again."""
+    """While in this block, SIGINT and SIGTERM (each one, a second one too) raise `Stop` in the main thread."""
     def handler(signum, frame):
-        _received.append(signum)
         raise Stop(signum)
 
     main = threading.current_thread() is threading.main_thread()
-    _received.clear()
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-
-
-def check_stop():
-    """Raise `Stop` if a signal came during this stop_signals block, also where its exception was swallowed."""
-    if _received:
-        raise Stop(_received[-1])
 
 
 def exit_stopped(stop: Stop, message: str):

@@ -453,8 +453,8 @@ Teacher({cache!r}).ask({prompts!r}, temperature=0.2)
 def test_a_sigterm_whose_exception_openai_swallows_still_stops_the_batch_step(tmp_path, env):
     """The SIGTERM handler raises Stop in the main thread, wherever it is; in Batch API mode that is often inside the
     openai client, which catches every Exception while it builds a response object.  A SIGTERM that lands there
-    stops the step all the same (before, the step polled on for as long as the batch ran, up to 24 hours), and a
-    rerun collects the same batch."""
+    stops the step all the same (while Stop was an Exception, the step polled on for as long as the batch ran, up to
+    24 hours), and a rerun collects the same batch."""
     server, cache = TeacherServer(), tmp_path / "cache.sqlite"
     env(server, TEACHER_BATCH="1")
     server.hold_batches()
